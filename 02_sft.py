@@ -1,0 +1,150 @@
+"""
+Stage 2: cold-start SFT (R1-Reward section 4.2): teach the format and the task with teacher reasoning.
+
+    python 02_sft.py                                        # tiny random Qwen2.5-VL, CPU-sized
+    python 02_sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --lr 1e-5 --batch-size 256 --steps 800
+
+Target: "<think>{teacher reasoning}</think><answer>{label}</answer>" after the Table 1 prompt, with the
+loss on the assistant turn only. With --model tiny (the default) we build a small Qwen2.5-VL with random
+weights and a byte-level BPE tokenizer trained on the prompts here, save both with save_pretrained, and
+every later stage (and vLLM) loads that folder like any hub checkpoint. Because a from-scratch model
+must first learn to see, each batch mixes in plain VQA items (--vqa-batch-size).
+
+Reads runs/01_data; writes runs/02_sft/{init,model}/, metrics.jsonl, meta.json.
+"""
+import argparse, json, math, random, time
+from pathlib import Path
+import torch
+from tqdm import tqdm
+import stable_reinforce_core as core
+
+# ------------------------------------------------------------------------------------------ config
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--data", default="runs/01_data", help="output of 01_build_data.py")
+p.add_argument("--out", default="runs/02_sft")
+p.add_argument("--model", default="tiny", help="'tiny' (random init, built here), a hub id or a local folder")
+p.add_argument("--steps", type=int, default=500, help="optimizer steps")
+p.add_argument("--batch-size", type=int, default=16, help="pair items per step")
+p.add_argument("--lr", type=float, default=2e-3, help="peak LR (paper: 1e-5 for 7B)")
+p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps for linear warmup, then cosine to 0")
+p.add_argument("--vqa-batch-size", type=int, default=48, help="plain VQA items per step (short and cheap; they teach seeing)")
+p.add_argument("--max-pixels", type=int, default=112 * 112, help="processor pixel limit (tiny model only; hub models keep theirs)")
+p.add_argument("--hidden", type=int, default=192, help="tiny model: text hidden size")
+p.add_argument("--layers", type=int, default=4, help="tiny model: text decoder layers")
+p.add_argument("--vocab", type=int, default=1024, help="tiny model: BPE vocabulary size")
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+args = p.parse_args()
+random.seed(args.seed)
+torch.manual_seed(args.seed)
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+
+# ------------------------------------------------------------------------------------------ data
+data = Path(args.data)
+pairs = core.load_items(data / "train_pairs.jsonl")
+vqa = core.load_items(data / "train_vqa.jsonl", fields=core.VQA_FIELDS) if (data / "train_vqa.jsonl").exists() else []
+print(f"read {data}: {len(pairs)} pairs, {len(vqa)} VQA items")
+
+
+def example(item):
+    """(chat turn, assistant target) for a pair item or a VQA item."""
+    from PIL import Image
+    if "label" in item:
+        msgs, y = core.pair_view(item)
+        return msgs, f"<think>{item.get('think', '')}</think><answer>{y}</answer>"
+    img = Image.open(item["image"]).convert("RGB")
+    return [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": item["question"]}]}], item["answer"]
+
+
+# ------------------------------------------------------------------------------------------ the tiny model
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2.5-VL's chat format: default system prompt, one <|vision_start|><|image_pad|><|vision_end|> per image.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
+    "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny(path):
+    """A from-scratch Qwen2.5-VL: byte-level BPE trained on our texts, random weights, saved as a checkpoint."""
+    from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders
+    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    texts = ["You are a helpful assistant. system user assistant"]
+    for it in pairs[:5000]:
+        texts += [core.PROMPT_TEMPLATE.format(question=it["question"], answer1=it["response1"], answer2=it["response2"]),
+                  f"<think>{it.get('think', '')}</think><answer>{it['label']}</answer>"]
+    texts += [f"{it['question']} {it['answer']}" for it in vqa[:5000]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=args.vocab, special_tokens=SPECIAL, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=SPECIAL[1:], chat_template=CHAT_TEMPLATE)
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=args.max_pixels),
+                                    tokenizer=tok, video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+    heads = args.hidden // 48                                   # head_dim 48 -> mRoPE sections (t, h, w) = 8+8+8
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=int(2.67 * args.hidden),
+                         num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                         max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"],
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 8, 8])),
+        vision_config=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=args.hidden,
+                           fullatt_block_indexes=[0, 1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = ids["<|im_end|>"], ids["<|endoftext|>"]
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    print(f"built tiny Qwen2.5-VL at {path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {len(tok)}")
+    return str(path)
+
+
+model_path = build_tiny(out / "init") if args.model == "tiny" else args.model
+model, processor = core.load_policy(model_path, device=args.device)
+print(f"loaded {model_path} on {args.device}")
+
+# ------------------------------------------------------------------------------------------ train
+opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+warm = max(1, int(args.warmup * args.steps))
+sched = torch.optim.lr_scheduler.LambdaLR(
+    opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, args.steps - warm))))
+log = open(out / "metrics.jsonl", "w")
+model.train()
+t0, tokens = time.time(), 0
+for step in (bar := tqdm(range(1, args.steps + 1), desc="sft")):
+    # pairs and VQA items go in separate micro-batches: padding a 40-token VQA item to a 270-token pair wastes compute
+    micro = [random.sample(pairs, args.batch_size)] + ([random.sample(vqa, min(args.vqa_batch_size, len(vqa)))] if vqa else [])
+    collated = [core.collate(processor, *map(list, zip(*(example(it) for it in mb))), device=args.device) for mb in micro]
+    n_tok = sum(int(m.sum()) for _, m in collated)
+    loss = 0.0
+    for batch, resp_mask in collated:                            # loss = mean NLL over all target tokens of the step
+        part = -core.response_logprobs(model, batch, resp_mask).sum() / n_tok
+        part.backward()
+        loss += part.item()
+        tokens += int(batch["attention_mask"].sum())
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    row = dict(step=step, loss=round(loss, 4), grad_norm=round(gnorm.item(), 3), lr=sched.get_last_lr()[0],
+               tokens_per_s=round(tokens / (time.time() - t0), 1))
+    log.write(json.dumps(row) + "\n")
+    bar.set_postfix(loss=f"{row['loss']:.3f}")
+    if step % 50 == 0 or step == args.steps:
+        print(f"step {step:5d}/{args.steps} | loss {row['loss']:.4f} | grad {row['grad_norm']:.2f} | "
+              f"lr {row['lr']:.2e} | {row['tokens_per_s']:.0f} tok/s")
+
+model.save_pretrained(out / "model")
+processor.save_pretrained(out / "model")
+meta = dict(stage="02_sft", args=vars(args), init=str(model_path), seconds=round(time.time() - t0, 1),
+            final_loss=row["loss"], params=sum(p.numel() for p in model.parameters()))
+(out / "meta.json").write_text(json.dumps(meta, indent=2))
+print(f"wrote {out / 'model'}, {out / 'metrics.jsonl'}, {out / 'meta.json'} ({meta['seconds']} s)")

@@ -1,0 +1,87 @@
+"""
+Stage 3: mine the hard items for RL (R1-Reward section 4.3, "progressive difficulty").
+
+    python 03_mine_hard.py                                   # runs/02_sft/model on runs/01_data
+    python 03_mine_hard.py --num-items 20000 --attempts 3
+
+The paper asks GPT-4o each item up to 3 times and keeps the items it needed >= 2 attempts for, plus those
+it never solved. Here the SFT model itself answers: attempt k runs only on the items still unsolved after
+k-1 attempts. We sample at temperature 1.0, because at temperature 0 a local model gives the same answer
+every time. difficulty = number of attempts until correct, or attempts + 1 if never solved; the RL set
+keeps difficulty >= --min-difficulty (default 2: not solved on the first try).
+
+Reads runs/01_data/train_pairs.jsonl and runs/02_sft/model; writes runs/03_hard/{rl_pairs.jsonl, meta.json}.
+"""
+import argparse, json, os, random, time
+from collections import Counter
+from pathlib import Path
+import torch
+from tqdm import tqdm
+import stable_reinforce_core as core
+
+# ------------------------------------------------------------------------------------------ config
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--data", default="runs/01_data/train_pairs.jsonl", help="pair file to mine")
+p.add_argument("--model", default="runs/02_sft/model", help="the SFT checkpoint that answers")
+p.add_argument("--out", default="runs/03_hard")
+p.add_argument("--num-items", type=int, default=1024, help="items to try (a random subset; 0 = all)")
+p.add_argument("--attempts", type=int, default=3, help="K: attempts per item (paper: 3)")
+p.add_argument("--min-difficulty", type=int, default=2, help="keep items needing at least this many attempts")
+p.add_argument("--temperature", type=float, default=1.0)
+p.add_argument("--max-new-tokens", type=int, default=96)
+p.add_argument("--batch-size", type=int, default=64)
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+args = p.parse_args()
+random.seed(args.seed)
+torch.manual_seed(args.seed)
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+t0 = time.time()
+
+items = core.load_items(args.data)
+if args.num_items and args.num_items < len(items):
+    items = random.sample(items, args.num_items)
+model, processor = core.load_policy(args.model, device=args.device)
+model.eval()
+print(f"read {args.data} ({len(items)} items) and {args.model}")
+
+# ------------------------------------------------------------------------------------------ attempts
+difficulty = {}                                           # item index -> attempts needed (K + 1 = never)
+stats = Counter()
+todo = list(range(len(items)))
+for attempt in range(1, args.attempts + 1):
+    solved_now = 0
+    for i in tqdm(range(0, len(todo), args.batch_size), desc=f"attempt {attempt}/{args.attempts}"):
+        idx = todo[i:i + args.batch_size]
+        msgs = [core.pair_view(items[j])[0] for j in idx]
+        _, texts = core.sample(model, processor, msgs, args.max_new_tokens, args.temperature, args.device)
+        for j, text in zip(idx, texts):
+            choice = core.parse_choice(text)
+            stats["parse_fail"] += choice is None
+            stats["format_ok"] += core.format_ok(text)
+            stats["samples"] += 1
+            if choice == items[j]["label"]:
+                difficulty[j] = attempt
+                solved_now += 1
+    todo = [j for j in todo if j not in difficulty]
+    print(f"attempt {attempt}: solved {solved_now}, still unsolved {len(todo)}")
+for j in todo:
+    difficulty[j] = args.attempts + 1
+
+# ------------------------------------------------------------------------------------------ write the RL set
+hist = Counter(difficulty.values())
+kept = [j for j in range(len(items)) if difficulty[j] >= args.min_difficulty]
+with open(out / "rl_pairs.jsonl", "w") as f:
+    for j in kept:
+        row = dict(items[j], difficulty=difficulty[j])
+        row["image"] = os.path.relpath(row["image"], out)   # load_items resolves images relative to this file
+        f.write(json.dumps(row) + "\n")
+meta = dict(stage="03_mine_hard", args=vars(args), seconds=round(time.time() - t0, 1), tried=len(items),
+            kept=len(kept), difficulty_histogram={("never" if k > args.attempts else str(k)): v for k, v in sorted(hist.items())},
+            first_try_accuracy=hist.get(1, 0) / len(items),
+            parse_fail_rate=stats["parse_fail"] / stats["samples"], format_rate=stats["format_ok"] / stats["samples"],
+            kept_label_balance=dict(Counter(items[j]["label"] for j in kept)))
+(out / "meta.json").write_text(json.dumps(meta, indent=2))
+print(json.dumps({k: v for k, v in meta.items() if k != "args"}, indent=1))
+print(f"wrote {out / 'rl_pairs.jsonl'} ({len(kept)} items), {out / 'meta.json'}")

@@ -1,0 +1,173 @@
+"""
+Stage 4: StableReinforce (R1-Reward section 4.1, Algorithm 1) on the hard items from stage 3.
+
+    python 04_stable_reinforce.py                                  # StableReinforce, tiny defaults
+    python 04_stable_reinforce.py --no-pre-clip --no-adv-filter    # plain Reinforce++ (the ablation baseline)
+
+StableReinforce = Reinforce++ (one sample per prompt, no critic, A_t = return-to-go, global batch
+normalisation, PPO-clipped surrogate) plus three changes. Grep for the tags:
+  [SR-1] Pre-CLIP: clamp the log-ratio to [ln 1e-3, ln 1e3] BEFORE exp   -> core.stable_policy_loss
+  [SR-2] Advantage filter: zero every standardised advantage with |z| > 3 -> core.standardize_and_filter
+  [SR-3] Consistency reward: R = Result * (1 + 0.5 * Consistency) + 0.5 * Format, where a judge says
+         whether the reasoning's conclusion agrees with the answer      -> core.score_rollouts
+Deliberate differences from the official code (yfzhang114/r1_reward, see README):
+  - the filter keeps |z| <= 3 around 0, not around the raw mean reward (B1);
+  - the trainer's log-probs see the image, exactly as the sampler did (B2);
+  - Consistency is in {0, 1} and is asked only for correct answers (B3); unparseable answers earn nothing (B4);
+  - paper hyper-parameters by default (KL coefficient 0), the official script's as flags (B7).
+One step: sample --rollout-batch responses (T = 1) -> rewards -> returns -> standardise + filter ->
+recompute old log-probs -> --rollout-batch / --train-batch optimizer steps of the clipped surrogate.
+
+Reads runs/03_hard/rl_pairs.jsonl and runs/02_sft/model; writes runs/04_rl/{model/, metrics.jsonl, meta.json}.
+"""
+import argparse, copy, json, random, time
+from pathlib import Path
+import torch
+import stable_reinforce_core as core
+
+# ------------------------------------------------------------------------------------------ config
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--data", default="runs/03_hard/rl_pairs.jsonl", help="RL set from 03_mine_hard.py")
+p.add_argument("--model", default="runs/02_sft/model", help="start from the cold-start SFT checkpoint (paper)")
+p.add_argument("--out", default="runs/04_rl")
+p.add_argument("--steps", type=int, default=20, help="rollout steps (paper: ~350)")
+p.add_argument("--rollout-batch", type=int, default=32, help="prompts per rollout, 1 sample each (paper: 256)")
+p.add_argument("--train-batch", type=int, default=16, help="sequences per optimizer step (paper: 128)")
+p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward (memory only)")
+p.add_argument("--lr", type=float, default=2e-5, help="AdamW LR (paper: 1e-6 for 7B; official script 3e-7)")
+p.add_argument("--beta", type=float, default=0.0, help="KL coefficient in the reward, k1 (paper: 0; official script 1e-3)")
+p.add_argument("--eps-clip", type=float, default=0.2, help="PPO clip epsilon")
+p.add_argument("--no-pre-clip", action="store_true", help="ablation: drop Pre-CLIP [SR-1]")
+p.add_argument("--no-adv-filter", action="store_true", help="ablation: drop the 3-sigma filter [SR-2]")
+p.add_argument("--judge", default="rule", choices=["rule"], help="consistency judge [SR-3]; 'rule' is offline")
+p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (the trainer divides logits by it)")
+p.add_argument("--max-new-tokens", type=int, default=96, help="paper: 1024")
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+args = p.parse_args()
+assert args.rollout_batch % args.train_batch == 0 and args.train_batch % args.micro_batch == 0, "batch sizes must divide"
+random.seed(args.seed)
+torch.manual_seed(args.seed)
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+
+# ------------------------------------------------------------------------------------------ data, model, judge
+items = core.load_items(args.data)
+if not items:
+    raise SystemExit(f"{args.data} has no items: stage 3 kept nothing (try --min-difficulty 1 there)")
+model, processor = core.load_policy(args.model, device=args.device)
+banned = core.vision_token_ids(processor)
+ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None   # only for the KL term
+opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+judge = core.RuleJudge()
+print(f"read {args.data} ({len(items)} items), {args.model}; pre_clip={not args.no_pre_clip} "
+      f"adv_filter={not args.no_adv_filter} beta={args.beta}")
+
+
+def prompts(step):
+    """The next --rollout-batch items of a fresh random permutation each epoch (no curriculum, as in the paper)."""
+    per_epoch = len(items)
+    order = []
+    for k in range(step * args.rollout_batch, (step + 1) * args.rollout_batch):
+        epoch, pos = divmod(k, per_epoch)
+        perm = random.Random(args.seed * 1000 + epoch).sample(range(per_epoch), per_epoch)
+        order.append(items[perm[pos]])
+    return order
+
+
+def pad_cat(tensors, value=0.0):
+    """Concatenate [b, R_i] tensors into [sum b, max R_i], right-padded."""
+    R = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, R - t.shape[1]), value=value) for t in tensors])
+
+
+# ------------------------------------------------------------------------------------------ one StableReinforce step
+def rl_step(step):
+    t0 = time.time()
+    batch_items = prompts(step)
+    views = [core.pair_view(it) for it in batch_items]
+    msgs, labels = [v[0] for v in views], [v[1] for v in views]
+
+    # 1. rollouts: one sample per prompt at T = 1.0, top-p 1 (PAPER.md s2.5)
+    model.eval()
+    ids, texts = [], []
+    for i in range(0, len(msgs), args.micro_batch):
+        ids_i, texts_i = core.sample(model, processor, msgs[i:i + args.micro_batch], args.max_new_tokens,
+                                     args.temperature, args.device)
+        ids, texts = ids + ids_i, texts + texts_i
+    t_rollout = time.time() - t0
+
+    # 2. rewards [SR-3]: format, result, and consistency from the judge (asked only where the answer is right)
+    sc = core.score_rollouts(texts, labels, [it["question"] for it in batch_items], judge)
+    rewards = torch.tensor(sc["reward"], dtype=torch.float32)
+
+    # 3. old (and reference) log-probs, recomputed by the trainer WITH the image [fix B2]
+    chunks = []
+    with torch.no_grad():
+        for i in range(0, len(msgs), args.micro_batch):
+            batch, mask = core.collate(processor, msgs[i:i + args.micro_batch], ids[i:i + args.micro_batch], args.device)
+            old = core.response_logprobs(model, batch, mask, banned, args.temperature)
+            ref = core.response_logprobs(ref_model, batch, mask, banned, args.temperature) if ref_model else None
+            chunks.append(dict(batch=batch, mask=mask, old=old, kl=core.kl_k1(old, ref) if ref is not None else None))
+
+    # 4. Reinforce++ returns (reward on the last token, -beta * KL on every token), then [SR-2]
+    mask = pad_cat([c["mask"] for c in chunks]).float().cpu()
+    kl = pad_cat([c["kl"] for c in chunks]).cpu() if ref_model else None
+    returns = core.reinforce_returns(rewards, mask, kl, args.beta)
+    adv, filtered = core.standardize_and_filter(returns, mask, enabled=not args.no_adv_filter)
+    for j, c in enumerate(chunks):
+        rows = slice(j * args.micro_batch, j * args.micro_batch + c["mask"].shape[0])
+        c["adv"] = adv[rows, :c["mask"].shape[1]].to(args.device)
+
+    # 5. policy update: --rollout-batch / --train-batch optimizer steps, pre-clipped PPO surrogate [SR-1]
+    model.train()
+    per_step = args.train_batch // args.micro_batch
+    losses, stats, gnorms, skipped = [], [], [], 0
+    for s in range(0, len(chunks), per_step):
+        for c in chunks[s:s + per_step]:
+            logp = core.response_logprobs(model, c["batch"], c["mask"], banned, args.temperature)
+            loss, st = core.stable_policy_loss(logp, c["old"], c["adv"], c["mask"], args.eps_clip,
+                                               pre_clip=not args.no_pre_clip)
+            (loss / per_step).backward()
+            losses.append(loss.item())
+            stats.append(st)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if torch.isfinite(gnorm):
+            opt.step()
+        else:                                                     # never let one non-finite step poison the weights
+            skipped += 1
+        opt.zero_grad(set_to_none=True)
+        gnorms.append(gnorm.item())
+
+    n = len(texts)
+    correct = [i for i in range(n) if sc["result"][i]]
+    return dict(step=step + 1, reward=rewards.mean().item(), accuracy=len(correct) / n,
+                format_rate=sum(sc["format"]) / n,
+                consistency_rate=sum(sc["consistency"][i] for i in correct) / max(1, len(correct)),
+                filtered_frac=filtered, preclip_frac=sum(s["preclip_frac"] for s in stats) / len(stats),
+                clip_frac=sum(s["clip_frac"] for s in stats) / len(stats),
+                max_token_loss=max(s["max_token_loss"] for s in stats),
+                policy_loss=sum(losses) / len(losses), max_policy_loss=max(abs(x) for x in losses),
+                kl=(core.masked_mean(kl, mask).item() if kl is not None else 0.0),
+                grad_norm=max(gnorms), skipped_steps=skipped,
+                response_len=mask.sum(-1).mean().item(), rollout_s=t_rollout, seconds=time.time() - t0)
+
+
+# ------------------------------------------------------------------------------------------ main loop
+log = open(out / "metrics.jsonl", "w")
+t_start = time.time()
+for step in range(args.steps):
+    m = rl_step(step)
+    log.write(json.dumps(m) + "\n")
+    log.flush()
+    print(f"step {m['step']:4d}/{args.steps} | reward {m['reward']:.3f} | acc {m['accuracy']:.3f} | "
+          f"fmt {m['format_rate']:.2f} | cons {m['consistency_rate']:.2f} | filt {m['filtered_frac']:.3f} | "
+          f"preclip {m['preclip_frac']:.4f} | clip {m['clip_frac']:.3f} | loss {m['policy_loss']:+.4f} | "
+          f"kl {m['kl']:.4f} | len {m['response_len']:.1f} | {m['seconds']:.1f}s", flush=True)
+
+model.save_pretrained(out / "model")
+processor.save_pretrained(out / "model")
+meta = dict(stage="04_stable_reinforce", args=vars(args), seconds=round(time.time() - t_start, 1),
+            rl_items=len(items), final=m)
+(out / "meta.json").write_text(json.dumps(meta, indent=2))
+print(f"wrote {out / 'model'}, {out / 'metrics.jsonl'}, {out / 'meta.json'} ({meta['seconds']} s)")

@@ -119,13 +119,12 @@ def reinforce_returns(rewards, mask, kl=None, beta=0.0):
     (gamma = 1). There is no critic: the advantage A_t is G_t itself.
     rewards [B], mask [B, T] (1 on response tokens), kl [B, T] or None -> returns [B, T], 0 on padding.
     e.g. R = 2, 3 tokens, beta = 0.5, KL = [0.2, 0, 0.4] -> r = [-0.1, 0, 1.8] -> G = [1.7, 1.8, 1.8]."""
-    mask = mask.float()
-    last = mask.cumsum(-1) == mask.sum(-1, keepdim=True)               # True from the last valid token on
-    last = last & (mask > 0)
-    r = last.float() * rewards.float()[:, None]
+    valid = mask.bool()
+    last = valid & (mask.cumsum(-1) == mask.sum(-1, keepdim=True))     # the last valid token of each row
+    r = torch.where(last, rewards.float()[:, None], 0.0)
     if kl is not None and beta:
-        r = r - beta * kl * mask
-    return r.flip(-1).cumsum(-1).flip(-1) * mask                       # reverse cumulative sum
+        r = r - beta * torch.where(valid, kl, 0.0)                     # where(), not *mask: padding may hold inf
+    return torch.where(valid, r.flip(-1).cumsum(-1).flip(-1), 0.0)    # reverse cumulative sum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,27 +134,31 @@ def standardize_and_filter(adv, mask, n_sigma=3.0, eps=1e-8, all_reduce=None, en
     (Reinforce++ global normalisation; population std). Then the 3-sigma rule:
         A_hat = A_std if |A_std| <= 3 else 0.
     [fix B1]: the official code kept z in [mean_raw - 3, mean_raw + 3] (the raw mean reward, not 0), which
-    zeroed every wrong rollout. Non-finite z are zeroed too (a guard the paper does not mention); they are
-    counted in the filtered fraction. Filtered tokens stay in their sequence's mean, as in the official code.
+    zeroed every wrong rollout. A non-finite advantage is zeroed and left out of the statistics (a guard the
+    paper does not mention), and counted as filtered. Filtered tokens stay in their sequence's mean, as in
+    the official code. Statistics are two-pass and in float64, so a constant batch has exactly zero spread.
     all_reduce: optional in-place sum over data-parallel ranks (e.g. torch.distributed.all_reduce).
     enabled=False standardises only (the "w/o advantage filter" ablation).
     adv, mask [B, T] -> (A_hat [B, T], fraction of valid tokens filtered).
     e.g. 255 sequences with A = 1 and one with A = 0: the 0 gets z = -15.97 and is zeroed; the 1s get +0.06."""
-    mask = mask.float()
-    s = torch.stack([(adv * mask).sum(), (adv * adv * mask).sum(), mask.sum()]).double()
-    if all_reduce is not None:
-        all_reduce(s)
-    mean = s[0] / s[2]
-    std = (s[1] / s[2] - mean * mean).clamp_min(0).sqrt()
-    z = ((adv.double() - mean) / (std + eps)).float()
-    drop = ~torch.isfinite(z)
+    reduce = all_reduce or (lambda t: t)
+    valid = mask.bool()
+    finite = valid & torch.isfinite(adv)
+    a = torch.where(finite, adv.double(), 0.0)
+    s = torch.stack([a.sum(), finite.sum().double(), valid.sum().double()])
+    reduce(s)
+    mean = s[0] / s[1].clamp_min(1)
+    var = torch.where(finite, (a - mean) ** 2, 0.0).sum()[None]
+    reduce(var)
+    std = (var[0] / s[1].clamp_min(1)).sqrt()
+    z = (a - mean) / (std + eps)
+    drop = valid & ~finite
     if enabled:
-        drop = drop | (z.abs() > n_sigma)
-    z = torch.where(drop, torch.zeros_like(z), z) * mask
-    n_drop = torch.stack([(drop.float() * mask).sum(), mask.sum()]).double()
-    if all_reduce is not None:
-        all_reduce(n_drop)
-    return z, (n_drop[0] / n_drop[1].clamp_min(1)).item()
+        drop = drop | (valid & (z.abs() > n_sigma))
+    z = torch.where(valid & ~drop, z, 0.0).to(adv.dtype)
+    n_drop = drop.sum().double()[None]
+    reduce(n_drop)
+    return z, (n_drop[0] / s[2].clamp_min(1)).item()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,7 +235,7 @@ def load_items(path, fields=PAIR_FIELDS, image_root=None):
         missing = [k for k in fields if k not in row] if isinstance(row, dict) else list(fields)
         if missing:
             raise BadInput(f"{where}: missing field(s) {missing}")
-        if "label" in fields and row["label"] not in (1, 2):
+        if "label" in fields and (type(row["label"]) is not int or row["label"] not in (1, 2)):
             raise BadInput(f"{where}: label must be 1 or 2, got {row['label']!r}")
         row["image"] = str(root / row["image"])
         if not Path(row["image"]).is_file():

@@ -1,0 +1,418 @@
+"""Tests for stable_reinforce_core.py (R1-Reward, arXiv 2505.02835). CPU only, a few seconds.
+
+Every expected number is computed by hand (with `math`) or by a naive Python loop, never by the
+function under test. Run: cd /work/main && python -m pytest -q test_core.py
+"""
+import json
+import math
+import string
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from stable_reinforce_core import (BadInput, PROMPT_TEMPLATE, RuleJudge, build_messages, format_ok, kl_k1,
+                                   load_items, majority_vote, parse_choice, reinforce_returns, reward,
+                                   score_rollouts, stable_policy_loss, standardize_and_filter)
+
+LOG_HI = math.log(1e3)                                    # 6.9078: the paper's delta_max in log space
+ANS = lambda think, a: f"<think>{think}</think><answer>{a}</answer>"
+
+
+def ragged_mask(lengths, T):
+    return torch.tensor([[1] * n + [0] * (T - n) for n in lengths])
+
+
+# ---------------------------------------------------------------- 3-sigma filter (section 4.1)
+def paper_batch():
+    """255 sequences with reward 1 and one with reward 0, 3 response tokens each (A_t = R when beta = 0)."""
+    rewards = torch.tensor([1.0] * 255 + [0.0])
+    mask = torch.ones(256, 3)
+    return reinforce_returns(rewards, mask), mask
+
+
+def test_paper_three_sigma_example():
+    """Population stats: mean 255/256, std sqrt(255)/256 -> the 0 gets z = -sqrt(255) = -15.97 and is zeroed."""
+    adv, mask = paper_batch()
+    assert torch.all(adv[:255] == 1) and torch.all(adv[255] == 0)
+    mean = 255 / 256
+    std = math.sqrt(mean * (1 - mean))                    # population std of a Bernoulli(255/256)
+    z0, z1 = (0 - mean) / std, (1 - mean) / std
+    assert z0 == pytest.approx(-15.9687, abs=1e-4) and z1 == pytest.approx(0.06262, abs=1e-5)
+    z, frac = standardize_and_filter(adv, mask)
+    assert torch.all(z[255] == 0.0)
+    assert torch.allclose(z[:255], torch.full((255, 3), z1), rtol=1e-5)
+    assert frac == pytest.approx(1 / 256)
+
+
+def test_filter_disabled_keeps_outlier():
+    """enabled=False (the ablation) only standardises: the 0 keeps z = -sqrt(255)."""
+    adv, mask = paper_batch()
+    z, frac = standardize_and_filter(adv, mask, enabled=False)
+    assert torch.allclose(z[255], torch.full((3,), -math.sqrt(255)), rtol=1e-5)
+    assert frac == 0.0
+
+
+def test_filter_is_centred_on_zero_not_on_raw_mean():
+    """[fix B1] 8 rewards of 2.0 and 2 of 0.5: mean 1.7, std 0.6 -> z = +0.5 and -2.0, both within 3 sigma."""
+    adv = reinforce_returns(torch.tensor([2.0] * 8 + [0.5] * 2), torch.ones(10, 2))
+    z, frac = standardize_and_filter(adv, torch.ones(10, 2))
+    assert torch.allclose(z[:8], torch.full((8, 2), 0.5), atol=1e-5)
+    assert torch.allclose(z[8:], torch.full((2, 2), -2.0), atol=1e-5)
+    assert frac == 0.0
+
+
+def test_zero_spread_gives_zero_not_nan():
+    """All rewards equal (std = 0): z = 0 everywhere, nothing filtered, no NaN."""
+    adv = reinforce_returns(torch.full((5,), 1.5), ragged_mask([3, 1, 4, 2, 4], 4))
+    z, frac = standardize_and_filter(adv, ragged_mask([3, 1, 4, 2, 4], 4))
+    assert torch.all(z == 0) and frac == 0.0
+
+
+def test_nan_advantage_is_zeroed_and_counted():
+    """A NaN advantage on a valid token comes out as 0, the output is finite, and it is counted as filtered."""
+    adv = torch.tensor([[1.0, float("nan"), 0.5], [2.0, 0.0, -1.0]])
+    z, frac = standardize_and_filter(adv, torch.ones(2, 3))
+    assert z[0, 1] == 0 and torch.isfinite(z).all()
+    assert frac == pytest.approx(1 / 6)
+    # the other five tokens are standardised among themselves: values 1, .5, 2, 0, -1 -> mean .5, var .9
+    assert z[1, 0].item() == pytest.approx((2.0 - 0.5) / math.sqrt(0.9), abs=1e-5)
+
+
+def test_padding_does_not_affect_statistics():
+    """Garbage on padding tokens is ignored: z matches a naive loop over valid tokens only."""
+    g = torch.Generator().manual_seed(0)
+    lengths, T = [5, 2, 7, 1, 4], 7
+    mask = ragged_mask(lengths, T)
+    adv = torch.randn(5, T, generator=g) + 1000.0 * (1 - mask)     # huge values on padding
+    adv[1, 0] = 8.0                                                  # one outlier among 19 tokens
+    vals = [adv[i, t].item() for i in range(5) for t in range(lengths[i])]
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+    z, frac = standardize_and_filter(adv, mask)
+    n_drop = 0
+    for i in range(5):
+        for t in range(T):
+            if t >= lengths[i]:
+                assert z[i, t] == 0
+                continue
+            zz = (adv[i, t].item() - mean) / std
+            n_drop += abs(zz) > 3
+            assert z[i, t].item() == pytest.approx(0.0 if abs(zz) > 3 else zz, abs=1e-5)
+    assert n_drop == 1 and frac == pytest.approx(1 / 19)
+
+
+def test_nan_on_padding_is_ignored():
+    """A NaN on a padding token (mask 0) must not change the statistics of the valid tokens."""
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([[1.0, 0.0, float("nan")], [0.0, 1.0, 2.0]])
+    z, frac = standardize_and_filter(adv, mask)                     # valid: 1,0,0,1,2 -> mean 0.8, var 0.56
+    assert z[0, 0].item() == pytest.approx((1 - 0.8) / math.sqrt(0.56), abs=1e-5)
+    assert frac == 0.0
+
+
+def test_zero_spread_non_dyadic_constant():
+    """A constant advantage that is not a dyadic float (1.7, 0.1) still has zero spread: z = 0, nothing filtered."""
+    for v in (1.7, 0.1):
+        for shape in ((100, 333), (256, 1000)):
+            z, frac = standardize_and_filter(torch.full(shape, v), torch.ones(shape))
+            assert frac == 0.0 and z.abs().max().item() < 1e-3
+
+
+class FakeGroup:
+    """Thread-based stand-in for torch.distributed: all_reduce sums a tensor over all ranks, in place."""
+    def __init__(self, n):
+        self.barrier, self.slots = threading.Barrier(n), [None] * n
+
+    def all_reduce_for(self, rank):
+        def all_reduce(t):
+            self.slots[rank] = t.clone()
+            self.barrier.wait()
+            total = sum(self.slots)                        # same order on every rank -> same result
+            self.barrier.wait()
+            t.copy_(total)
+        return all_reduce
+
+
+def test_two_rank_all_reduce_matches_whole_batch():
+    """Paper batch split over 2 ranks: rank 1 alone has the 0, and global stats still give z = -15.97 -> 0."""
+    adv, mask = paper_batch()
+    parts = [(adv[:128], mask[:128]), (adv[128:], mask[128:])]   # rank 0: all 1s; rank 1: 127 ones + the 0
+    group = FakeGroup(2)
+    with ThreadPoolExecutor(2) as pool:
+        futs = [pool.submit(standardize_and_filter, a, m, all_reduce=group.all_reduce_for(r))
+                for r, (a, m) in enumerate(parts)]
+        (z0, f0), (z1, f1) = [f.result(timeout=10) for f in futs]
+    z1_expected = 1 / math.sqrt(255)
+    assert torch.allclose(z0, torch.full((128, 3), z1_expected), rtol=1e-5)
+    assert torch.allclose(z1[:127], torch.full((127, 3), z1_expected), rtol=1e-5)
+    assert torch.all(z1[127] == 0)
+    assert f0 == pytest.approx(1 / 256) and f1 == pytest.approx(1 / 256)
+    _, f_local = standardize_and_filter(*parts[0])              # without the reduce, rank 0 sees no spread
+    assert f_local == 0.0
+
+
+# ---------------------------------------------------------------- Pre-CLIP PPO loss (section 4.1)
+@pytest.mark.parametrize("pre_clip,expected", [(True, 1000.0), (False, math.exp(20))])
+def test_preclip_bounds_ratio_and_gradient(pre_clip, expected):
+    """log-ratio +20, A = -1: Pre-CLIP gives rho = loss = 1000 and zero gradient; without it loss = grad = e^20."""
+    logp = torch.tensor([[20.0]], dtype=torch.float64, requires_grad=True)
+    zero, adv, mask = torch.zeros(1, 1, dtype=torch.float64), -torch.ones(1, 1, dtype=torch.float64), torch.ones(1, 1)
+    loss, stats = stable_policy_loss(logp, zero, adv, mask, pre_clip=pre_clip)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert logp.grad.item() == (0.0 if pre_clip else pytest.approx(expected, rel=1e-12))  # d(-rho*A)/dlogp = rho
+    assert stats["preclip_frac"] == 1.0
+
+
+def test_lower_bound_is_delta_min():
+    """log-ratio -20, A = +1: rho = delta_min = 1e-3 (log -6.9078), token loss -min(1e-3, 0.8) = -1e-3."""
+    lr = torch.tensor([[-20.0, -LOG_HI + 0.01]], dtype=torch.float64)
+    loss, stats = stable_policy_loss(lr, torch.zeros_like(lr), torch.ones_like(lr), torch.tensor([[1, 0]]))
+    assert loss.item() == pytest.approx(-1e-3, rel=1e-12)
+    assert stats["preclip_frac"] == 1.0                     # the second token is inside bounds and padded anyway
+
+
+def naive_ppo_loss(logp, logp_old, adv, mask, eps=0.2, lo=math.log(1e-3), hi=math.log(1e3)):
+    seq_losses = []
+    for i in range(len(mask)):
+        tok = []
+        for t in range(len(mask[i])):
+            if mask[i][t]:
+                rho = math.exp(min(max(logp[i][t] - logp_old[i][t], lo), hi))
+                a = adv[i][t]
+                tok.append(-min(rho * a, min(max(rho, 1 - eps), 1 + eps) * a))
+        seq_losses.append(sum(tok) / len(tok))
+    return sum(seq_losses) / len(seq_losses)
+
+
+def test_policy_loss_matches_naive_loop():
+    """Random inputs, ragged mask: loss = mean over sequences of the masked token mean of the PPO surrogate."""
+    g = torch.Generator().manual_seed(1)
+    B, T = 6, 9
+    mask = ragged_mask([9, 3, 1, 6, 8, 2], T)
+    logp_old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    logp = logp_old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.4   # ratios around 1 +- 0.4
+    logp[0, 0] = logp_old[0, 0] + 9.0                       # and one beyond delta_max
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    expected = naive_ppo_loss(logp.tolist(), logp_old.tolist(), adv.tolist(), mask.tolist())
+    loss, _ = stable_policy_loss(logp, logp_old, adv, mask)
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_policy_loss_hand_example_and_fractions():
+    """Hand-computed loss, preclip_frac and clip_frac; padding (log-ratio 50) counts in neither."""
+    lr = torch.tensor([[20.0, -10.0, math.log(1.5), math.log(0.9), 50.0],
+                       [0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    adv = torch.tensor([[-1.0, 1.0, 1.0, 1.0, 1.0], [2.0, 0, 0, 0, 0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    # row 0 token losses: 1000 (pre-clipped ratio), -0.001 (pre-clipped), -1.2 (PPO clip), -0.9; row 1: -2
+    row0 = (1000 - 0.001 - 1.2 - 0.9) / 4
+    loss, stats = stable_policy_loss(lr, torch.zeros_like(lr), adv, mask)
+    assert loss.item() == pytest.approx((row0 - 2.0) / 2, rel=1e-12)      # sequence mean, not token mean
+    assert stats["preclip_frac"] == pytest.approx(2 / 5)
+    assert stats["clip_frac"] == pytest.approx(1 / 5)                       # only the ratio-1.5, A>0 token
+    assert stats["max_token_loss"] == pytest.approx(1000.0)
+
+
+def test_ppo_clip_gradient():
+    """Inside bounds: rho = 1.5, A = +1 is PPO-clipped (grad 0); rho = 1.5, A = -1 is not (grad = -rho*A = 1.5)."""
+    logp = torch.tensor([[math.log(1.5), math.log(1.5)]], dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    loss, _ = stable_policy_loss(logp, torch.zeros(1, 2, dtype=torch.float64), adv, torch.ones(1, 2))
+    loss.backward()
+    assert loss.item() == pytest.approx((-1.2 + 1.5) / 2)
+    assert logp.grad[0, 0].item() == 0.0
+    assert logp.grad[0, 1].item() == pytest.approx(1.5 / 2)
+
+
+# ---------------------------------------------------------------- Reinforce++ returns (section 3.2)
+def test_returns_docstring_example():
+    """R = 2, beta = 0.5, KL = [0.2, 0, 0.4]: r = [-0.1, 0, 1.8] -> G = [1.7, 1.8, 1.8]."""
+    G = reinforce_returns(torch.tensor([2.0]), torch.ones(1, 3), kl=torch.tensor([[0.2, 0.0, 0.4]]), beta=0.5)
+    assert torch.allclose(G, torch.tensor([[1.7, 1.8, 1.8]]), atol=1e-6)
+
+
+def test_returns_ragged_matches_naive_loop():
+    """Reward on the last valid token, -beta*KL per valid token, reverse cumsum; 0 on padding (KL garbage there)."""
+    g = torch.Generator().manual_seed(2)
+    lengths, T, beta = [4, 1, 6, 3], 6, 0.3
+    mask = ragged_mask(lengths, T)
+    R = torch.tensor([2.0, 0.5, -1.0, 1.5])
+    kl = torch.randn(4, T, generator=g) * 0.1 + 50.0 * (1 - mask)
+    G = reinforce_returns(R, mask, kl=kl, beta=beta)
+    for i, n in enumerate(lengths):
+        r = [(R[i].item() if t == n - 1 else 0.0) - beta * kl[i, t].item() for t in range(n)]
+        for t in range(T):
+            expected = sum(r[t:]) if t < n else 0.0
+            assert G[i, t].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_returns_ignore_inf_on_padding():
+    """An inf KL on a padding token must not leak: R=1, KL=[.1,.1,inf], mask [1,1,0], beta .5 -> [.9,.95,0]."""
+    G = reinforce_returns(torch.tensor([1.0]), torch.tensor([[1, 1, 0]]),
+                          torch.tensor([[0.1, 0.1, float("inf")]]), beta=0.5)
+    assert torch.allclose(G, torch.tensor([[0.9, 0.95, 0.0]]))
+
+
+def test_returns_beta_zero_ignores_kl():
+    """beta = 0: every valid token's return is R, whatever the KL."""
+    mask = ragged_mask([2, 3], 3)
+    G = reinforce_returns(torch.tensor([1.5, -0.5]), mask, kl=torch.full((2, 3), 7.0), beta=0.0)
+    assert G.tolist() == [[1.5, 1.5, 0.0], [-0.5, -0.5, -0.5]]
+
+
+def test_kl_k1():
+    """k1 estimator: KL_t = log pi_old - log pi_ref."""
+    assert kl_k1(torch.tensor([-1.0, -0.5]), torch.tensor([-1.25, -2.0])).tolist() == [0.25, 1.5]
+
+
+# ---------------------------------------------------------------- Reward (section 4.3)
+@pytest.mark.parametrize("result,consistency,fmt,expected", [
+    (1, 1, 1, 2.0), (1, 0, 1, 1.5), (0, 0, 1, 0.5), (0, 1, 1, 0.5), (0, 0, 0, 0.0), (1, 1, 0, 1.5), (1, 0, 0, 1.0)])
+def test_reward_table(result, consistency, fmt, expected):
+    """R = Result * (1 + 0.5 * Consistency) + 0.5 * Format, the paper's table of values."""
+    assert reward(result, consistency, fmt) == expected
+
+
+# ---------------------------------------------------------------- Parsing
+@pytest.mark.parametrize("text,choice", [
+    ("<think>x</think><answer>1</answer>", 1), ("<think>x</think><answer> 2 </answer>", 2),
+    ("<think>x</think><answer>\n2\n</answer>", 2), ("I choose 2", None), ("<think>2</think>", None),
+    ("<think>x</think><answer>2</answer><answer>1</answer>", 2), ("<answer>1/2</answer>", None),
+    ("<answer>Response 2</answer>", None), ("<answer>3</answer>", None), ("<answer>0</answer>", None),
+    ("<answer></answer>", None), ("<answer>12</answer>", None)])
+def test_parse_choice(text, choice):
+    """Only a bare 1 or 2 inside the FIRST <answer> tag counts."""
+    assert parse_choice(text) == choice
+
+
+@pytest.mark.parametrize("text,ok", [
+    ("<think>x</think><answer>1</answer>", True),
+    ("  \n<think>x</think><answer>1</answer>\n ", True),                   # whole-text whitespace is fine
+    ("<think>line 1\nline 2\n\nResponse 1 is better</think><answer>1</answer>", True),
+    ("<think>x</think>\n<answer>1</answer>", False),                        # nothing between the tags
+    ("<think>x</think> <answer>1</answer>", False),
+    ("Sure! <think>x</think><answer>1</answer>", False),                    # text outside the tags
+    ("<think>x</think><answer>1</answer> done", False),
+    ("<think>x</think><answer>1</answer><answer>2</answer>", False),        # two answers
+    ("<think>a</think><think>b</think><answer>1</answer>", False),
+    ("<answer>1</answer>", False), ("<think>x</think>", False), ("", False)])
+def test_format_ok(text, ok):
+    """Exactly <think>...</think><answer>...</answer>, one of each tag, after stripping the whole text."""
+    assert format_ok(text) is ok
+
+
+# ---------------------------------------------------------------- Consistency judge
+def test_rule_judge_last_statement_counts():
+    """The LAST 'Response N is better' (any case) decides; no statement -> 0."""
+    items = [("q", "Response 1 is better at first... but RESPONSE 2 IS BETTER overall", 2),
+             ("q", "Response 1 is better at first... but response 2 is the better", 1),
+             ("q", "response 1 is better", 1),
+             ("q", "Both are fine; I pick 1.", 1),
+             ("q", "Response 2 is not better", 2)]
+    assert RuleJudge()(items) == [1, 0, 1, 0, 0]
+
+
+class SpyJudge:
+    def __init__(self, verdicts):
+        self.verdicts, self.calls = verdicts, []
+
+    def __call__(self, items):
+        self.calls.append(list(items))
+        return self.verdicts[:len(items)]
+
+
+def test_score_rollouts_asks_judge_only_when_correct():
+    """Judge sees only Result = 1 rollouts; None verdict = 0; rewards follow the section 4.3 formula."""
+    texts = [ANS("a", 2),                      # correct, formatted, judge 1     -> 2.0
+             ANS("b", 1),                      # correct, formatted, judge 0     -> 1.5
+             ANS("c", 2),                      # wrong (label 1), formatted      -> 0.5
+             ANS("d", 3),                      # unparseable, formatted          -> 0.5
+             "e <answer>2</answer>",           # correct, unformatted, judge None -> 1.0
+             "no tags at all"]                 # wrong, unformatted              -> 0.0
+    labels, questions = [2, 1, 1, 2, 2, 1], [f"q{i}" for i in range(6)]
+    judge = SpyJudge([1, 0, None])
+    out = score_rollouts(texts, labels, questions, judge)
+    assert judge.calls == [[("q0", "a", 2), ("q1", "b", 1), ("q4", "e <answer>2</answer>", 2)]]
+    assert out["result"] == [1, 1, 0, 0, 1, 0]
+    assert out["format"] == [1, 1, 1, 1, 0, 0]
+    assert out["consistency"] == [1, 0, 0, 0, 0, 0]
+    assert out["choice"] == [2, 1, 2, None, 2, None]
+    assert out["reward"] == [2.0, 1.5, 0.5, 0.5, 1.0, 0.0]
+
+
+def test_score_rollouts_no_correct_means_no_judge_call():
+    """If no rollout is correct the judge is never called."""
+    judge = SpyJudge([])
+    out = score_rollouts([ANS("x", 1)], [2], ["q"], judge)
+    assert judge.calls == [] and out["reward"] == [0.5]
+
+
+# ---------------------------------------------------------------- Voting@K (section 5.1)
+@pytest.mark.parametrize("votes,winner", [
+    ([1, 2, 2], 2), ([1, None, 2], None), ([None, None, 1], 1), ([], None), ([None, None], None),
+    ([1, 1, 2, None, None], 1), ([2, 1], None)])
+def test_majority_vote(votes, winner):
+    """Most frequent parseable choice; ties (including no votes) -> None."""
+    assert majority_vote(votes) == winner
+
+
+# ---------------------------------------------------------------- load_items
+def write_pairs(tmp_path, rows):
+    (tmp_path / "img").mkdir(exist_ok=True)
+    (tmp_path / "img" / "a.png").write_bytes(b"not really a png; load_items only checks the file exists")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+GOOD = dict(id="p0", image="img/a.png", question="q", response1="r1", response2="r2", label=1)
+
+
+def test_load_items_good_file(tmp_path):
+    """Blank lines are skipped; the image path is resolved relative to the file's folder; extra keys kept."""
+    path = write_pairs(tmp_path, ["", GOOD, "   ", dict(GOOD, id="p1", label=2, think="t")])
+    items = load_items(path)
+    assert [it["id"] for it in items] == ["p0", "p1"]
+    assert items[0]["image"] == str(tmp_path / "img" / "a.png") and items[1]["think"] == "t"
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ('{"id": "p1", "image": ', "malformed JSON"),
+    (dict(GOOD, image="img/missing.png"), "image not found"),
+    (dict(GOOD, label=3), "label must be 1 or 2"),
+    (dict(GOOD, label=True), "label must be 1 or 2"),
+    (dict(GOOD, label="1"), "label must be 1 or 2"),
+    ({k: v for k, v in GOOD.items() if k != "question"}, "question"),
+    ('["a list", "not an object"]', "missing field")])
+def test_load_items_bad_line(tmp_path, bad, needle):
+    """A bad 3rd line (after a blank 2nd) raises BadInput naming path:3 and the problem."""
+    path = write_pairs(tmp_path, [GOOD, "", bad])
+    with pytest.raises(BadInput) as e:
+        load_items(path)
+    msg = str(e.value)
+    assert f"{path}:3:" in msg and needle in msg
+
+
+# ---------------------------------------------------------------- Prompt (Table 1)
+def test_prompt_template_verbatim():
+    """Key verbatim pieces of Table 1, including the two spaces before the newlines."""
+    assert "###### [Question]:\n{question}  \n\n" in PROMPT_TEMPLATE
+    assert "###### [Response 1]:\n{answer1}  \n\n###### [Response 2]:\n{answer2}  \n\n" in PROMPT_TEMPLATE
+    assert PROMPT_TEMPLATE.startswith("You are a highly skilled and impartial evaluator")
+    assert PROMPT_TEMPLATE.endswith("<think>Your detailed comparative analysis goes here</think><answer>1/2</answer>")
+    fields = [f for _, f, _, _ in string.Formatter().parse(PROMPT_TEMPLATE) if f is not None]
+    assert fields == ["question", "answer1", "answer2"]
+
+
+def test_build_messages_image_first():
+    """One user turn: the image, then the filled-in prompt text."""
+    image = object()
+    msgs = build_messages("What is {x}?", "A", "B", image)
+    assert len(msgs) == 1 and msgs[0]["role"] == "user"
+    img, txt = msgs[0]["content"]
+    assert img == {"type": "image", "image": image} and txt["type"] == "text"
+    assert "###### [Question]:\nWhat is {x}?  \n\n###### [Response 1]:\nA  \n\n###### [Response 2]:\nB  \n\n" \
+        in txt["text"]

@@ -76,8 +76,8 @@ def test_nan_advantage_is_zeroed_and_counted():
     z, frac = standardize_and_filter(adv, torch.ones(2, 3))
     assert z[0, 1] == 0 and torch.isfinite(z).all()
     assert frac == pytest.approx(1 / 6)
-    # the other five tokens are standardised among themselves: values 1, .5, 2, 0, -1 -> mean .5, var .9
-    assert z[1, 0].item() == pytest.approx((2.0 - 0.5) / math.sqrt(0.9), abs=1e-5)
+    # the other five tokens are standardised among themselves: values 1, .5, 2, 0, -1 -> mean .5, var 1
+    assert z[1, 0].item() == pytest.approx((2.0 - 0.5) / 1.0, abs=1e-5)
 
 
 def test_padding_does_not_affect_statistics():

@@ -8,7 +8,8 @@ Target: "<think>{teacher reasoning}</think><answer>{label}</answer>" after the T
 loss on the assistant turn only. With --model tiny (the default) we build a small Qwen2.5-VL with random
 weights and a byte-level BPE tokenizer trained on the prompts here, save both with save_pretrained, and
 every later stage (and vLLM) loads that folder like any hub checkpoint. Because a from-scratch model
-must first learn to see, each batch mixes in plain VQA items (--vqa-batch-size).
+must first learn to see, the first --see-first steps train on plain VQA items only (image + question ->
+one-word answer), and every later step mixes them in (--vqa-batch-size).
 
 Reads runs/01_data; writes runs/02_sft/{init,model}/, metrics.jsonl, meta.json.
 """
@@ -23,9 +24,10 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("--data", default="runs/01_data", help="output of 01_build_data.py")
 p.add_argument("--out", default="runs/02_sft")
 p.add_argument("--model", default="tiny", help="'tiny' (random init, built here), a hub id or a local folder")
-p.add_argument("--steps", type=int, default=500, help="optimizer steps")
+p.add_argument("--steps", type=int, default=300, help="optimizer steps")
 p.add_argument("--batch-size", type=int, default=16, help="pair items per step")
-p.add_argument("--lr", type=float, default=2e-3, help="peak LR (paper: 1e-5 for 7B)")
+p.add_argument("--lr", type=float, default=5e-4, help="peak LR (paper: 1e-5 for 7B)")
+p.add_argument("--see-first", type=int, default=150, help="first steps train on VQA items only (learn to see, then judge)")
 p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps for linear warmup, then cosine to 0")
 p.add_argument("--vqa-batch-size", type=int, default=48, help="plain VQA items per step (short and cheap; they teach seeing)")
 p.add_argument("--max-pixels", type=int, default=112 * 112, help="processor pixel limit (tiny model only; hub models keep theirs)")
@@ -121,13 +123,14 @@ model.train()
 t0, tokens = time.time(), 0
 for step in (bar := tqdm(range(1, args.steps + 1), desc="sft")):
     # pairs and VQA items go in separate micro-batches: padding a 40-token VQA item to a 270-token pair wastes compute
-    micro = [random.sample(pairs, args.batch_size)] + ([random.sample(vqa, min(args.vqa_batch_size, len(vqa)))] if vqa else [])
+    n_pairs = 0 if (vqa and step <= args.see_first) else args.batch_size
+    n_vqa = min(args.vqa_batch_size + args.batch_size - n_pairs, len(vqa))
+    micro = [mb for mb in (random.sample(pairs, n_pairs), random.sample(vqa, n_vqa)) if mb]
     collated = [core.collate(processor, *map(list, zip(*(example(it) for it in mb))), device=args.device) for mb in micro]
-    n_tok = sum(int(m.sum()) for _, m in collated)
     loss = 0.0
-    for batch, resp_mask in collated:                            # loss = mean NLL over all target tokens of the step
-        part = -core.response_logprobs(model, batch, resp_mask).sum() / n_tok
-        part.backward()
+    for batch, resp_mask in collated:      # loss = sum over the two sources of their mean token NLL, so the short
+        part = -core.response_logprobs(model, batch, resp_mask).sum() / resp_mask.sum()   # VQA answers weigh as
+        part.backward()                                                                    # much as the pairs
         loss += part.item()
         tokens += int(batch["attention_mask"].sum())
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -24,7 +24,7 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("--data", default="runs/01_data/train_pairs.jsonl", help="pair file to mine")
 p.add_argument("--model", default="runs/02_sft/model", help="the SFT checkpoint that answers")
 p.add_argument("--out", default="runs/03_hard")
-p.add_argument("--num-items", type=int, default=1024, help="items to try (a random subset; 0 = all)")
+p.add_argument("--num-items", type=int, default=512, help="items to try (a random subset; 0 = all)")
 p.add_argument("--attempts", type=int, default=3, help="K: attempts per item (paper: 3)")
 p.add_argument("--min-difficulty", type=int, default=2, help="keep items needing at least this many attempts")
 p.add_argument("--temperature", type=float, default=1.0)

@@ -14,7 +14,7 @@ Reported per model:
   voting_at_k / any_at_k            - majority of K samples at temperature 1.0 (paper s5.1) / any sample right
 Writes runs/05_eval/{eval.json, eval.md, generations_<name>.jsonl}.
 """
-import argparse, json, random, time
+import argparse, json, time
 from pathlib import Path
 import torch
 from tqdm import tqdm

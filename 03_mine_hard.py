@@ -30,6 +30,8 @@ p.add_argument("--min-difficulty", type=int, default=2, help="keep items needing
 p.add_argument("--temperature", type=float, default=1.0)
 p.add_argument("--max-new-tokens", type=int, default=96)
 p.add_argument("--batch-size", type=int, default=64)
+p.add_argument("--vllm", action="store_true", help="generate with vLLM (GPU) instead of transformers")
+p.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="vLLM: share of the GPU it may use")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 args = p.parse_args()
@@ -42,8 +44,14 @@ t0 = time.time()
 items = core.load_items(args.data)
 if args.num_items and args.num_items < len(items):
     items = random.sample(items, args.num_items)
-model, processor = core.load_policy(args.model, device=args.device)
-model.eval()
+if args.vllm:
+    from transformers import AutoProcessor
+    engine = core.VLLMEngine(args.model, AutoProcessor.from_pretrained(args.model), args.gpu_memory_utilization,
+                             seed=args.seed)
+    generate = lambda msgs: engine.sample(msgs, args.max_new_tokens, args.temperature)[1]
+else:
+    model, processor = core.load_policy(args.model, device=args.device)
+    generate = lambda msgs: core.sample(model.eval(), processor, msgs, args.max_new_tokens, args.temperature, args.device)[1]
 print(f"read {args.data} ({len(items)} items) and {args.model}")
 
 # ------------------------------------------------------------------------------------------ attempts
@@ -55,7 +63,7 @@ for attempt in range(1, args.attempts + 1):
     for i in tqdm(range(0, len(todo), args.batch_size), desc=f"attempt {attempt}/{args.attempts}"):
         idx = todo[i:i + args.batch_size]
         msgs = [core.pair_view(items[j])[0] for j in idx]
-        _, texts = core.sample(model, processor, msgs, args.max_new_tokens, args.temperature, args.device)
+        texts = generate(msgs)
         for j, text in zip(idx, texts):
             choice = core.parse_choice(text)
             stats["parse_fail"] += choice is None

@@ -20,7 +20,7 @@ recompute old log-probs -> --rollout-batch / --train-batch optimizer steps of th
 
 Reads runs/03_hard/rl_pairs.jsonl and runs/02_sft/model; writes runs/04_rl/{model/, metrics.jsonl, meta.json}.
 """
-import argparse, copy, json, random, time
+import argparse, contextlib, copy, json, random, time
 from pathlib import Path
 import torch
 import stable_reinforce_core as core
@@ -42,6 +42,10 @@ p.add_argument("--no-adv-filter", action="store_true", help="ablation: drop the 
 p.add_argument("--judge", default="rule", choices=["rule"], help="consistency judge [SR-3]; 'rule' is offline")
 p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (the trainer divides logits by it)")
 p.add_argument("--max-new-tokens", type=int, default=96, help="paper: 1024")
+p.add_argument("--vllm", action="store_true", help="roll out with a colocated vLLM engine (GPU) instead of transformers")
+p.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="vLLM: share of the GPU for its weights + KV cache")
+p.add_argument("--max-model-len", type=int, default=4096, help="vLLM: prompt + response token budget")
+p.add_argument("--vllm-eager", action="store_true", help="vLLM: no CUDA graphs / torch.compile (faster start, slower decode)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 args = p.parse_args()
@@ -55,7 +59,15 @@ out.mkdir(parents=True, exist_ok=True)
 items = core.load_items(args.data)
 if not items:
     raise SystemExit(f"{args.data} has no items: stage 3 kept nothing (try --min-difficulty 1 there)")
+engine = None
+if args.vllm:            # the engine first: its memory budget is a share of the whole GPU (STACK.md s1)
+    from transformers import AutoProcessor
+    engine = core.VLLMEngine(args.model, AutoProcessor.from_pretrained(args.model), args.gpu_memory_utilization,
+                             args.max_model_len, args.seed, eager=args.vllm_eager)
+    engine.sleep()
+    print(f"vLLM engine started in {engine.timings['start_s']:.1f} s")
 model, processor = core.load_policy(args.model, device=args.device)
+amp = torch.autocast("cuda", torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()
 banned = core.vision_token_ids(processor)
 ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None   # only for the KL term
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -90,11 +102,19 @@ def rl_step(step):
 
     # 1. rollouts: one sample per prompt at T = 1.0, top-p 1 (PAPER.md s2.5)
     model.eval()
-    ids, texts = [], []
-    for i in range(0, len(msgs), args.micro_batch):
-        ids_i, texts_i = core.sample(model, processor, msgs[i:i + args.micro_batch], args.max_new_tokens,
-                                     args.temperature, args.device)
-        ids, texts = ids + ids_i, texts + texts_i
+    ids, texts, vllm_logp = [], [], None
+    if engine:                  # wake, sync this step's weights (bf16), generate, sleep again for training
+        engine.sync(model.named_parameters())
+        t_gen = time.time()
+        ids, texts, vllm_logp, _ = engine.sample(msgs, args.max_new_tokens, args.temperature)
+        t_gen = time.time() - t_gen
+        engine.sleep()
+    else:
+        for i in range(0, len(msgs), args.micro_batch):
+            ids_i, texts_i = core.sample(model, processor, msgs[i:i + args.micro_batch], args.max_new_tokens,
+                                         args.temperature, args.device)
+            ids, texts = ids + ids_i, texts + texts_i
+        t_gen = time.time() - t0
     t_rollout = time.time() - t0
 
     # 2. rewards [SR-3]: format, result, and consistency from the judge (asked only where the answer is right)
@@ -103,12 +123,16 @@ def rl_step(step):
 
     # 3. old (and reference) log-probs, recomputed by the trainer WITH the image [fix B2]
     chunks = []
-    with torch.no_grad():
+    with torch.no_grad(), amp:
         for i in range(0, len(msgs), args.micro_batch):
             batch, mask = core.collate(processor, msgs[i:i + args.micro_batch], ids[i:i + args.micro_batch], args.device)
             old = core.response_logprobs(model, batch, mask, banned, args.temperature)
             ref = core.response_logprobs(ref_model, batch, mask, banned, args.temperature) if ref_model else None
             chunks.append(dict(batch=batch, mask=mask, old=old, kl=core.kl_k1(old, ref) if ref is not None else None))
+    # sampler vs trainer: |log pi_vLLM(a_t) - log pi_trainer(a_t)| over sampled tokens (should be ~0.01, bf16 noise)
+    delta = torch.cat([(c["old"][r, :len(lp)].float().cpu() - torch.tensor(lp)).abs() for j, c in enumerate(chunks)
+                       for r, lp in enumerate(vllm_logp[j * args.micro_batch:(j + 1) * args.micro_batch])]) \
+        if vllm_logp else torch.zeros(1)
 
     # 4. Reinforce++ returns (reward on the last token, -beta * KL on every token), then [SR-2]
     mask = pad_cat([c["mask"] for c in chunks]).float().cpu()
@@ -125,7 +149,8 @@ def rl_step(step):
     losses, stats, gnorms, skipped = [], [], [], 0
     for s in range(0, len(chunks), per_step):
         for c in chunks[s:s + per_step]:
-            logp = core.response_logprobs(model, c["batch"], c["mask"], banned, args.temperature)
+            with amp:
+                logp = core.response_logprobs(model, c["batch"], c["mask"], banned, args.temperature)
             loss, st = core.stable_policy_loss(logp, c["old"], c["adv"], c["mask"], args.eps_clip,
                                                pre_clip=not args.no_pre_clip)
             (loss / per_step).backward()
@@ -150,7 +175,9 @@ def rl_step(step):
                 policy_loss=sum(losses) / len(losses), max_policy_loss=max(abs(x) for x in losses),
                 kl=(core.masked_mean(kl, mask).item() if kl is not None else 0.0),
                 grad_norm=max(gnorms), skipped_steps=skipped,
-                response_len=mask.sum(-1).mean().item(), rollout_s=t_rollout, seconds=time.time() - t0)
+                response_len=mask.sum(-1).mean().item(), rollout_s=t_rollout, seconds=time.time() - t0,
+                rollout_tok_s=mask.sum().item() / t_gen, logp_delta_mean=delta.mean().item(),
+                logp_delta_max=delta.max().item(), **(engine.timings if engine else {}))
 
 
 # ------------------------------------------------------------------------------------------ main loop
@@ -163,7 +190,9 @@ for step in range(args.steps):
     print(f"step {m['step']:4d}/{args.steps} | reward {m['reward']:.3f} | acc {m['accuracy']:.3f} | "
           f"fmt {m['format_rate']:.2f} | cons {m['consistency_rate']:.2f} | filt {m['filtered_frac']:.3f} | "
           f"preclip {m['preclip_frac']:.4f} | clip {m['clip_frac']:.3f} | loss {m['policy_loss']:+.4f} | "
-          f"kl {m['kl']:.4f} | len {m['response_len']:.1f} | {m['seconds']:.1f}s", flush=True)
+          f"kl {m['kl']:.4f} | len {m['response_len']:.1f} | {m['seconds']:.1f}s"
+          + (f" | dlogp {m['logp_delta_mean']:.4f}/{m['logp_delta_max']:.3f} | sync {m['sync_s']:.2f}s "
+             f"wake {m['wake_s']:.2f}s sleep {m['sleep_s']:.2f}s" if engine else ""), flush=True)
 
 model.save_pretrained(out / "model")
 processor.save_pretrained(out / "model")

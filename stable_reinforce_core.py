@@ -324,3 +324,92 @@ def sample(model, processor, messages, max_new_tokens, temperature=1.0, device="
         ids.append(row)
         texts.append(tok.decode(row, skip_special_tokens=True).strip())
     return ids, texts
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Rollouts through vLLM (GPU). One engine per process, colocated with the trainer on the same GPU.
+#    vLLM is imported only inside, so everything above runs without it; `sample` above is the CPU path.
+class VLLMEngine:
+    """A vLLM 0.26 engine in this process, with sleep mode. One RL step uses it as (STACK.md s4):
+        sync(trainer weights)  = wake weights -> load_weights (bf16, one tensor at a time) -> reset caches
+                                 -> wake KV cache
+        sample(...)            = generate from text prompts with UNEXPANDED image placeholders + PIL images
+        sleep()                = sleep(level=1): weights to pinned CPU memory, KV cache freed, for training
+    Build it BEFORE the trainer allocates: gpu_memory_utilization is a share of the whole GPU and start-up
+    fails if that much is not free. Under torchrun every rank builds its own TP=1 engine at the same time
+    (distributed_executor_backend="external_launcher", which reuses torchrun's process group).
+    Vision tokens get logit bias -100, mirroring the -inf mask of `sample` and `response_logprobs`."""
+
+    def __init__(self, path, processor, gpu_memory_utilization=0.3, max_model_len=4096, seed=0, eager=False, **llm_kwargs):
+        import os, time
+        import torch.distributed as dist
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")   # else a ~2 min JIT build at first start
+        launched = dist.is_available() and dist.is_initialized()
+        if not launched:                     # keep the engine core in this process, so load_weights can reach it
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+        size = processor.image_processor.size              # the SAME pixel limits as the trainer's processor
+        t0 = time.time()
+        self.llm = LLM(model=str(path), dtype="bfloat16", seed=seed, tensor_parallel_size=1,
+                       distributed_executor_backend="external_launcher" if launched else None,
+                       enable_sleep_mode=True, logprobs_mode="processed_logprobs", enable_prefix_caching=False,
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                       max_num_batched_tokens=max(4096, max_model_len), limit_mm_per_prompt={"image": 1},
+                       mm_processor_kwargs=dict(size=dict(shortest_edge=size["shortest_edge"],
+                                                          longest_edge=size["longest_edge"])),
+                       enforce_eager=eager, **llm_kwargs)
+        self.processor, self.bias = processor, {t: -100.0 for t in vision_token_ids(processor)}
+        self.timings = dict(start_s=time.time() - t0)
+        self._expected = None
+
+    def _model(self):
+        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+
+    def sleep(self):
+        import time
+        t0 = time.time()
+        self.llm.sleep(level=1)
+        self.timings["sleep_s"] = time.time() - t0
+
+    def sync(self, named_tensors):
+        """Stream the trainer's weights into the sleeping engine and wake it. named_tensors: an iterable of
+        (HF name, tensor); an FSDP2 DTensor is gathered one tensor at a time (a collective: every rank must
+        iterate in the same order), so no rank ever holds a second full copy of the model."""
+        import time
+        t0 = time.time()
+        self.llm.wake_up(tags=["weights"])
+        t1 = time.time()
+        stream = ((name, (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().to(torch.bfloat16))
+                  for name, t in named_tensors)
+        loaded = self._model().load_weights(stream)
+        if self._expected is None:                      # once: every engine parameter must have been written
+            self._expected = {n for n, _ in self._model().named_parameters()}
+            missing = self._expected - set(loaded)
+            if missing:
+                raise RuntimeError(f"weight sync left {len(missing)} vLLM parameters unset, e.g. {sorted(missing)[:3]}")
+        self.llm.llm_engine.reset_encoder_cache()       # vision embeddings are cached per image hash
+        torch.cuda.synchronize()
+        t2 = time.time()
+        self.llm.wake_up(tags=["kv_cache"])
+        self.timings.update(wake_s=(t1 - t0) + (time.time() - t2), sync_s=t2 - t1)
+
+    def sample(self, messages, max_new_tokens, temperature=1.0, n=1):
+        """Like `sample` above, for a list of chat turns (one image each). Returns (token-id lists, texts,
+        per-token sampled log-probs or None at temperature 0, prompt token-id lists as vLLM expanded them);
+        with n > 1 the n samples of a prompt are adjacent. Log-probs are 'processed': after temperature and
+        the ban, i.e. from the same distribution the trainer computes."""
+        from vllm import SamplingParams
+        tok = self.processor.tokenizer
+        prompts = [dict(prompt=self.processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
+                        multi_modal_data={"image": [c["image"] for c in m[0]["content"] if c["type"] == "image"]})
+                   for m in messages]
+        params = SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
+                                logprobs=0 if temperature > 0 else None, logit_bias=self.bias or None, detokenize=False)
+        ids, texts, logps, prompt_ids = [], [], [], []
+        for out in self.llm.generate(prompts, params, use_tqdm=False):
+            for c in out.outputs:
+                ids.append(list(c.token_ids))
+                texts.append(tok.decode(c.token_ids, skip_special_tokens=True).strip())
+                logps.append([d[t].logprob for d, t in zip(c.logprobs, c.token_ids)] if c.logprobs else None)
+                prompt_ids.append(list(out.prompt_token_ids))
+        return ids, texts, logps, prompt_ids

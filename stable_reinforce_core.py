@@ -350,14 +350,15 @@ class VLLMEngine:
         from vllm import LLM
         size = processor.image_processor.size              # the SAME pixel limits as the trainer's processor
         t0 = time.time()
-        self.llm = LLM(model=str(path), dtype="bfloat16", seed=seed, tensor_parallel_size=1,
-                       distributed_executor_backend="external_launcher" if launched else None,
-                       enable_sleep_mode=True, logprobs_mode="processed_logprobs", enable_prefix_caching=False,
+        kw = dict(model=str(path), dtype="bfloat16", seed=seed, tensor_parallel_size=1,
+                  distributed_executor_backend="external_launcher" if launched else None,
+                  enable_sleep_mode=True, logprobs_mode="processed_logprobs", enable_prefix_caching=False,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                        max_num_batched_tokens=max(4096, max_model_len), limit_mm_per_prompt={"image": 1},
                        mm_processor_kwargs=dict(size=dict(shortest_edge=size["shortest_edge"],
                                                           longest_edge=size["longest_edge"])),
-                       enforce_eager=eager, **llm_kwargs)
+                       enforce_eager=eager)
+        self.llm = LLM(**{**kw, **llm_kwargs})
         self.processor, self.bias = processor, {t: -100.0 for t in vision_token_ids(processor)}
         self.timings = dict(start_s=time.time() - t0)
         self._expected = None

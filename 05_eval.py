@@ -126,6 +126,12 @@ def evaluate(path, gen_file):
     from tqdm import tqdm
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)                                 # Voting@K samples are reproducible (if not resumed)
+    sig = dict(model=str(path), weights=max((f.stat().st_mtime for f in Path(path).glob("*")), default=None),
+               data=str(Path(data).resolve()), max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels)
+    meta = gen_file.with_suffix(".meta.json")                    # what the saved generations were made with
+    if gen_file.exists() and meta.exists() and json.loads(meta.read_text()) != sig:
+        raise SystemExit(f"{gen_file} holds generations made with other settings (see {meta}); pass --fresh")
+    meta.write_text(json.dumps(sig))
     model, processor = core.load_policy(path, device=args.device)
     model.eval()
     rows = []
@@ -167,6 +173,7 @@ else:
         gen_file = out / f"generations_{bench}_{name}.jsonl"
         if args.fresh:
             gen_file.unlink(missing_ok=True)
+            gen_file.with_suffix(".meta.json").unlink(missing_ok=True)
         t = time.time()
         results[name] = score(evaluate(path, gen_file)) | dict(file=str(gen_file), seconds=round(time.time() - t, 1))
         g = results[name]["greedy"]
@@ -193,8 +200,9 @@ if bench in PAPER_COLS:
                                                           for _, key in cols) + " |")
     lines.append("")
 k = max((r["k"] for r in results.values()), default=0)
-lines += [f"| model | acc (chosen first) | acc (chosen second) | **acc (both orders)** | both right | answered \"1\" | "
-          f"parse fail | Voting@{k} | Any@{k} |", "|---" * 9 + "|"]
+both = any(r["greedy"]["acc_chosen_second"] is not None for r in results.values())
+lines += [f"| model | acc (chosen first) | acc (chosen second) | **acc ({'both orders' if both else 'chosen first'})** | "
+          f"both right | answered \"1\" | parse fail | Voting@{k} | Any@{k} |", "|---" * 9 + "|"]
 for name, r in results.items():
     g, v = r["greedy"], r["vote"] or {}
     lines.append(f"| {name} | {pct(g['acc_chosen_first'])} | {pct(g['acc_chosen_second'])} | **{pct(g['acc'])}** | "

@@ -347,21 +347,20 @@ def vlrb_category(id_):
 
 def benchmark_item(bench, row, index):
     """One raw row -> the item; a bad row raises ValueError(reason, detail). Schemas (PAPER.md s6.1):
-      pairs           id, image, question, response1, response2, label 1|2      category: "source" or "pairs"
+      pairs           id, question, response1, response2, label 1|2, image     category: "source" or "pairs"
       vl_rewardbench  id, prompt, chosen, rejected, image (R1's copy)           category: vlrb_category(id)
       mm_rlhf         id, prompt, chosen, rejected, image | video (frame folder) category: first of mcq, long,
                                                                                   short, safety, video in the path
-      mmrb            ID, Text, Image, Output1, Output2, Better, Category      reasoning -> math | coding by ID"""
-    if not isinstance(row, dict):
-        raise ValueError("missing field", "the row is not a JSON object")
-    keys = dict(pairs=("id", "question", "response1", "response2", "label"), mmrb=("ID", "Text", "Output1", "Output2",
-                "Better", "Category")).get(bench, ("id", "prompt", "chosen", "rejected"))
-    media = "Image" if bench == "mmrb" else "video" if bench == "mm_rlhf" and "video" in row else "image"
-    missing = [k for k in keys + (media,) if k not in row]
-    if missing:
-        raise ValueError("missing field", f"missing field(s) {missing}")
-    id_, question, r1, r2 = (row[k] for k in keys[:4])
-    label, cat = 1, row.get("source", "pairs")             # the R1 copies list the chosen response first
+      mmrb            ID, Text, Output1, Output2, Better, Category, Image       reasoning -> math | coding by ID"""
+    keys = dict(pairs=("id", "question", "response1", "response2", "label", "image"), mmrb=("ID", "Text", "Output1",
+                "Output2", "Better", "Category", "Image")).get(bench, ("id", "prompt", "chosen", "rejected", "image"))
+    if bench == "mm_rlhf" and isinstance(row, dict) and "video" in row:
+        keys = keys[:-1] + ("video",)
+    missing = [k for k in keys if k not in row] if isinstance(row, dict) else ["the row is not an object"]
+    if missing or not isinstance(row[keys[-1]], str):
+        raise ValueError("missing field", f"missing field(s) {missing or [keys[-1]]}")
+    (id_, question, r1, r2), media = (row[k] for k in keys[:4]), row[keys[-1]]
+    label, cat = 1, row.get("source", "pairs")                 # the R1 copies list the chosen response first
     if bench == "pairs":
         label = row["label"]
     elif bench == "mmrb":
@@ -371,7 +370,7 @@ def benchmark_item(bench, row, index):
     elif bench == "vl_rewardbench":
         cat = vlrb_category(str(id_))
     else:
-        cat = next((c for c in ("mcq", "long", "short", "safety", "video") if c in row[media]), "other")
+        cat = next((c for c in ("mcq", "long", "short", "safety", "video") if c in media), "other")
     if type(label) is not int or label not in (1, 2):
         raise ValueError("label not 1 or 2", f"label must be 1 or 2, got {label!r}")
     if not isinstance(question, str) or not question.strip():
@@ -380,11 +379,11 @@ def benchmark_item(bench, row, index):
         raise ValueError("empty response", "empty response")
     chosen, rejected = (r1, r2) if label == 1 else (r2, r1)
     return {"key": f"{bench}:{index}", "bench": bench, "id": str(id_), "category": cat, "question": question,
-            media.lower(): row[media], "chosen": chosen, "rejected": rejected}
+            keys[-1].lower(): media, "chosen": chosen, "rejected": rejected}
 
 
 def read_benchmark(path, bench, image_root=None, strict=False):
-    """Read a benchmark file (JSONL, or one JSON list as Multimodal RewardBench ships) -> (items, skipped).
+    """Read a benchmark file (JSONL, or a .json list as Multimodal RewardBench ships) -> (items, skipped).
     A bad row -- malformed JSON, a missing field, a label outside {1, 2}, an empty question or response, a
     missing or unreadable image -- is skipped and counted by reason in `skipped` (a Counter); strict=True
     raises BadInput naming path:line instead. Media paths are resolved against image_root (default: the
@@ -392,31 +391,31 @@ def read_benchmark(path, bench, image_root=None, strict=False):
     from PIL import Image
     path = Path(path)
     root, text = Path(image_root or path.parent), path.read_text()
-    is_list = text.lstrip().startswith("[")
-    records = enumerate(json.loads(text), 1) if is_list else enumerate(text.splitlines(), 1)
-    items, skipped = [], Counter()
-    for n, rec in records:
+    if path.suffix == ".json":                                 # one JSON list: "line" n = the n-th element
         try:
-            if not is_list and not rec.strip():
-                continue
+            records = [(n, json.dumps(r)) for n, r in enumerate(json.loads(text), 1)]
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{path}: malformed JSON list ({e.msg}, line {e.lineno})") from None
+    else:
+        records = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    items, skipped = [], Counter()
+    for n, line in records:
+        try:
             try:
-                row = rec if is_list else json.loads(rec)
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError("malformed JSON", f"malformed JSON ({e.msg})") from None
             it = benchmark_item(bench, row, n - 1)
-            media = root / it.get("image", it.get("video"))
-            if "video" in it:
-                if not media.is_dir() or not any(media.iterdir()):
-                    raise ValueError("missing image", f"video frames not found: {media}")
-            elif not media.is_file():
-                raise ValueError("missing image", f"image not found: {media}")
-            else:
-                try:
+            kind = "video" if "video" in it else "image"
+            it[kind] = media = str(root / it[kind])
+            if not (Path(media).is_dir() and any(Path(media).iterdir()) if kind == "video" else Path(media).is_file()):
+                raise ValueError("missing image", f"{kind} not found: {media}")
+            try:
+                if kind == "image":
                     with Image.open(media) as im:
                         im.verify()
-                except Exception as e:
-                    raise ValueError("corrupt image", f"unreadable image {media} ({type(e).__name__})") from None
-            it["image" if "image" in it else "video"] = str(media)
+            except Exception as e:
+                raise ValueError("corrupt image", f"unreadable image {media} ({type(e).__name__})") from None
             items.append(it)
         except ValueError as e:
             if strict:

@@ -74,14 +74,13 @@ def from_hub(bench):
         ds = datasets.load_dataset(HUB[bench], split="test")
     except Exception as e:
         raise SystemExit(f"{bench}: cannot load {HUB[bench]} from the hub ({type(e).__name__}: {e}); {how}") from None
-    dest = out / "hub" / bench                   # write R1's schema; image_<row index> as in R1's data.jsonl
+    dest = out / "hub" / bench                   # the hub's rows with image paths; image_<row index> as in R1's copy
     (dest / "img").mkdir(parents=True, exist_ok=True)
     with open(dest / "data.jsonl", "w") as f:
         for i, r in enumerate(ds):
             r["image"].convert("RGB").save(dest / f"img/image_{i}.png")
-            c = r["human_ranking"].index(0)      # rank 0 = preferred
-            f.write(json.dumps(dict(id=r["id"], prompt=r["query"], chosen=r["response"][c],
-                                    rejected=r["response"][1 - c], image=f"img/image_{i}.png")) + "\n")
+            f.write(json.dumps({k: r.get(k) for k in ("id", "query", "response", "human_ranking")}
+                               | dict(image=f"img/image_{i}.png")) + "\n")
     return dest / "data.jsonl", dest
 
 

@@ -349,6 +349,7 @@ def benchmark_item(bench, row, index):
     """One raw row -> the item; a bad row raises ValueError(reason, detail). Schemas (PAPER.md s6.1):
       pairs           id, question, response1, response2, label 1|2, image     category: "source" or "pairs"
       vl_rewardbench  id, prompt, chosen, rejected, image (R1's copy)           category: vlrb_category(id)
+                      or the hub's id, query, response [2], human_ranking, image
       mm_rlhf         id, prompt, chosen, rejected, image | video (frame folder) category: first of mcq, long,
                                                                                   short, safety, video in the path
       mmrb            ID, Text, Output1, Output2, Better, Category, Image       reasoning -> math | coding by ID"""
@@ -356,20 +357,25 @@ def benchmark_item(bench, row, index):
                 "Output2", "Better", "Category", "Image")).get(bench, ("id", "prompt", "chosen", "rejected", "image"))
     if bench == "mm_rlhf" and isinstance(row, dict) and "video" in row:
         keys = keys[:-1] + ("video",)
+    if bench == "vl_rewardbench" and isinstance(row, dict) and "human_ranking" in row:  # the hub's schema
+        resp, rank = row.get("response"), row["human_ranking"]             # rank 0 = the preferred response
+        two = isinstance(resp, list) and len(resp) == 2
+        row = dict(row, question=row.get("query"), response1=two and resp[0], response2=two and resp[1],
+                   label=rank.index(0) + 1 if isinstance(rank, list) and sorted(rank) == [0, 1] else rank)
+        keys = ("id", "question", "response1", "response2", "label", "image")
     missing = [k for k in keys if k not in row] if isinstance(row, dict) else ["the row is not an object"]
     if missing or not isinstance(row[keys[-1]], str):
         raise ValueError("missing field", f"missing field(s) {missing or [keys[-1]]}")
     (id_, question, r1, r2), media = (row[k] for k in keys[:4]), row[keys[-1]]
-    label, cat = 1, row.get("source", "pairs")                 # the R1 copies list the chosen response first
-    if bench == "pairs":
-        label = row["label"]
-    elif bench == "mmrb":
+    label = row["label"] if "label" in keys else 1             # the R1 copies list the chosen response first
+    cat = row.get("source", "pairs")
+    if bench == "mmrb":
         label = {"Output1": 1, "Output2": 2}.get(row["Better"], row["Better"])
-        cat = row["Category"] if row["Category"] != "reasoning" else "math" if str(id_).startswith("math") else "coding"
+        cat = row["Category"] if row["Category"] != "reasoning" else "math" if str(id_).lower().startswith("math") else "coding"
         cat = MMRB_NAMES.get(cat, cat)
     elif bench == "vl_rewardbench":
         cat = vlrb_category(str(id_))
-    else:
+    elif bench == "mm_rlhf":
         cat = next((c for c in ("mcq", "long", "short", "safety", "video") if c in media), "other")
     if type(label) is not int or label not in (1, 2):
         raise ValueError("label not 1 or 2", f"label must be 1 or 2, got {label!r}")

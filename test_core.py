@@ -687,3 +687,14 @@ def test_05_rescore_cli_and_offline_hub(tmp_path):
     r = run_05("--bench", "vl_rewardbench", "--hub", "--out", str(tmp_path / "o"), HF_HUB_OFFLINE="1")
     assert r.returncode != 0 and "vl_rewardbench: cannot load MMInstruction/VL-RewardBench" in r.stderr
     assert "--data FILE --images DIR" in r.stderr
+
+
+def test_read_vlrb_hub_schema(tmp_path):
+    """The hub's rows: human_ranking [1, 0] means the SECOND response is preferred; a ranking that is not a
+    permutation of [0, 1] is a bad label."""
+    place_media(tmp_path, ["img/image_0.png"])
+    row = dict(id="RLHF-V-31", query="How many kites?", response=["three", "two"], image="img/image_0.png")
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(dict(row, human_ranking=r)) for r in ([1, 0], [0, 1], [0, 0])))
+    items, skipped = read_benchmark(tmp_path / "data.jsonl", "vl_rewardbench")
+    assert [(it["chosen"], it["rejected"]) for it in items] == [("two", "three"), ("three", "two")]
+    assert items[0]["category"] == "hallucination" and skipped == {"label not 1 or 2": 1}

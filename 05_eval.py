@@ -198,7 +198,7 @@ if bench in PAPER_COLS:
                 lines.append(f"| {label} | " + " | ".join(pct(m[key] if key in m else m["category"].get(key), 2)
                                                           for _, key in cols) + " |")
     lines.append("")
-k = max((r["k"] for r in results.values()), default=0)
+k = max((r["k"] for r in results.values()), default=0) or "K"
 both = any(r["greedy"]["acc_chosen_second"] is not None for r in results.values())
 lines += [f"| model | acc (chosen first) | acc (chosen second) | **acc ({'both orders' if both else 'chosen first'})** | "
           f"both right | answered \"1\" | parse fail | Voting@{k} | Any@{k} |", "|---" * 9 + "|"]

@@ -371,8 +371,9 @@ def benchmark_item(bench, row, index):
     cat = row.get("source", "pairs")
     if bench == "mmrb":
         label = {"Output1": 1, "Output2": 2}.get(row["Better"], row["Better"])
-        cat = row["Category"] if row["Category"] != "reasoning" else "math" if str(id_).lower().startswith("math") else "coding"
-        cat = MMRB_NAMES.get(cat, cat)
+        cat = MMRB_NAMES.get(row["Category"], row["Category"])
+        if cat == "reasoning":                                  # split as in MMRB's 2_get_accuracy.py
+            cat = "math" if str(id_).lower().startswith("math") else "coding"
     elif bench == "vl_rewardbench":
         cat = vlrb_category(str(id_))
     elif bench == "mm_rlhf":

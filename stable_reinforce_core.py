@@ -438,7 +438,8 @@ def make_jobs(items, orders=ORDERS, mode="greedy", k=1):
             for o in orders for it in items for s in range(k)]
 
 
-_job = lambda r: (r["key"], r["order"], r["mode"], r["sample"])
+def _job(row):
+    return row["key"], row["order"], row["mode"], row["sample"]           # a job's identity in the saved file
 
 
 def read_generations(path):

@@ -1,118 +1,221 @@
 """
-Stage 5: evaluate reward-model checkpoints on held-out pairs, in BOTH response orders, with Voting@K.
+Stage 5: evaluate reward-model checkpoints on held-out pairs or on the paper's three benchmarks (section 5.1),
+in BOTH response orders, with Voting@K. Scoring is separate from generation, and runs resume.
 
-    python 05_eval.py                                          # runs/02_sft/model and runs/04_rl/model
-    python 05_eval.py --models runs/04_rl/model --vote-k 15
+    python 05_eval.py                                          # easy-vqa test pairs; runs/02_sft + runs/04_rl
+    python 05_eval.py --bench vl_rewardbench --data data.jsonl --images DIR --models yifanzhang114/R1-Reward
+    python 05_eval.py --bench mm_rlhf --hub --order chosen-first --vote-k 15     # the paper's protocol
+    python 05_eval.py --rescore runs/05_eval/generations_*.jsonl                 # metrics only, no model
 
-The official scripts always show the chosen response first, so a model that always answers "1" scores
-100% there (PAPER.md B6). Here every item is judged twice, once in each order, and each order counts once.
-Reported per model:
-  acc_original / acc_swapped / acc  - greedy accuracy in each order and over both (the headline number)
-  both_right                        - share of items judged right in both orders
-  answered_1                        - share of parseable answers that are "1" (0.5 for an unbiased judge)
-  parse_fail                        - share of outputs with no valid <answer>1|2</answer>; scored as wrong
-  voting_at_k / any_at_k            - majority of K samples at temperature 1.0 (paper s5.1) / any sample right
-Writes runs/05_eval/{eval.json, eval.md, generations_<name>.jsonl}.
+Benchmarks (files and categories: PAPER.md s6): vl_rewardbench (R1's data.jsonl; hub MMInstruction/VL-RewardBench),
+mm_rlhf (mm_reward_bench.jsonl + images/; hub yifanzhang114/MM-RLHF-RewardBench), mmrb (Multimodal RewardBench's
+all_data.json + data/; GitHub only), pairs (the 01 schema; the default).
+The official scripts always show the chosen response first, so a judge that always answers "1" scores 100%
+there (PAPER.md B6). By default every item is judged in both orders and each order counts once;
+--order chosen-first gives the paper's protocol. Metrics (stable_reinforce_core.metrics): accuracy, per category,
+macro (VL-RewardBench), Acc+ (MM-RLHF), accuracy per order, both right, the "1" rate, parse failures,
+Voting@K = majority of K samples at temperature 1.0 (paper s5.1) and Any@K.
+Generations go to generations_<bench>_<model>.jsonl (one row per item x order x sample), appended and flushed per
+batch: a re-run skips the jobs already saved. Bad rows are skipped and counted by reason (--strict: error).
+Writes <out>/{eval.json, eval.md, generations_*.jsonl}.
 """
-import argparse, json, time
+import argparse, json, math, os, socket, time
+from collections import Counter
 from pathlib import Path
-import torch
-from tqdm import tqdm
 import stable_reinforce_core as core
 
 # ------------------------------------------------------------------------------------------ config
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--data", default="runs/01_data/test_pairs.jsonl", help="pair file to evaluate on")
+p.add_argument("--bench", default="pairs", choices=["pairs", "vl_rewardbench", "mm_rlhf", "mmrb"])
+p.add_argument("--data", default=None, help="benchmark file (pairs: runs/01_data/test_pairs.jsonl)")
+p.add_argument("--images", default=None, help="folder the image paths are relative to (default: the file's folder)")
+p.add_argument("--hub", action="store_true", help="fetch the benchmark from the Hugging Face hub instead of --data")
 p.add_argument("--models", nargs="+", default=["runs/02_sft/model", "runs/04_rl/model"], help="checkpoints to compare")
 p.add_argument("--out", default="runs/05_eval")
-p.add_argument("--num-items", type=int, default=400, help="items to evaluate (each in both orders); 0 = all")
-p.add_argument("--vote-k", type=int, default=5, help="samples per item for Voting@K (0 = skip)")
-p.add_argument("--vote-items", type=int, default=100, help="items (each in both orders) for Voting@K")
+p.add_argument("--order", default="both", choices=["both", "chosen-first"], help="chosen-first = the paper's protocol")
+p.add_argument("--num-items", type=int, default=None, help="first N valid items; 0 = all (default: 400 pairs, all else)")
+p.add_argument("--vote-k", type=int, default=5, help="samples per item and order for Voting@K (0 = skip)")
+p.add_argument("--vote-items", type=int, default=None, help="items for Voting@K; 0 = all (default: 100 pairs, all else)")
 p.add_argument("--max-new-tokens", type=int, default=96, help="paper: 1024 for RL, 4096 in the eval scripts")
+p.add_argument("--max-pixels", type=int, default=1003520 // 2, help="larger images are downscaled (R1 eval: 501,760)")
 p.add_argument("--batch-size", type=int, default=64)
+p.add_argument("--strict", action="store_true", help="a bad row is an error naming file:line, not a counted skip")
+p.add_argument("--fresh", action="store_true", help="delete saved generations instead of resuming from them")
+p.add_argument("--rescore", nargs="+", default=None, metavar="GENERATIONS", help="score saved generations only")
 p.add_argument("--seed", type=int, default=0)
-p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+p.add_argument("--device", default=None, help="default: cuda if available")
 args = p.parse_args()
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
-items = core.load_items(args.data)
-if args.num_items:
-    items = items[:args.num_items]
-print(f"read {args.data}: evaluating {len(items)} items x 2 orders")
+pairs = args.bench == "pairs"
+num_items = args.num_items if args.num_items is not None else (400 if pairs else 0)
+vote_items = args.vote_items if args.vote_items is not None else (100 if pairs else 0)
+orders = core.ORDERS if args.order == "both" else core.ORDERS[:1]
+
+# ------------------------------------------------------------------------------------------ data
+HUB = {"vl_rewardbench": "MMInstruction/VL-RewardBench", "mm_rlhf": "yifanzhang114/MM-RLHF-RewardBench"}
 
 
+def from_hub(bench):
+    """Fetch a hub copy -> (file, image folder) in the local schema. Without a network this fails at once."""
+    how = "download it where there is a network and pass --data FILE --images DIR"
+    if bench not in HUB:
+        raise SystemExit(f"{bench}: no hub copy; clone facebookresearch/multimodal_rewardbench, run its "
+                         "scripts/0_download_data.py, then pass --data data/all_data.json --images data")
+    try:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+            raise ConnectionError("HF_HUB_OFFLINE is set")
+        socket.create_connection(("huggingface.co", 443), timeout=5).close()
+        if bench == "mm_rlhf":                 # a file + image folder, not a table (hub image paths unconfirmed)
+            from huggingface_hub import snapshot_download
+            root = Path(snapshot_download(HUB[bench], repo_type="dataset"))
+            return root / "mm_reward_bench.jsonl", root / "images"
+        import datasets
+        ds = datasets.load_dataset(HUB[bench], split="test")
+    except Exception as e:
+        raise SystemExit(f"{bench}: cannot load {HUB[bench]} from the hub ({type(e).__name__}: {e}); {how}") from None
+    dest = out / "hub" / bench                   # the hub's rows with image paths; image_<row index> as in R1's copy
+    (dest / "img").mkdir(parents=True, exist_ok=True)
+    with open(dest / "data.jsonl", "w") as f:
+        for i, r in enumerate(ds):
+            r["image"].convert("RGB").save(dest / f"img/image_{i}.png")
+            f.write(json.dumps({k: r.get(k) for k in ("id", "query", "response", "human_ranking")}
+                               | dict(image=f"img/image_{i}.png")) + "\n")
+    return dest / "data.jsonl", dest
+
+
+if args.rescore is None:
+    if args.hub:
+        data, images = from_hub(args.bench)
+    elif args.data or pairs:
+        data, images = Path(args.data or "runs/01_data/test_pairs.jsonl"), args.images
+    else:
+        raise SystemExit(f"--bench {args.bench} needs --data FILE [--images DIR], or --hub")
+    items, skipped = core.read_benchmark(data, args.bench, images, strict=args.strict)
+    if any("video" in it for it in items):      # MM-RLHF's 25 video pairs: no video path here yet
+        skipped["video not supported"] += sum("video" in it for it in items)
+        items = [it for it in items if "video" not in it]
+    items = items[:num_items or None]
+    print(f"read {data}: {len(items)} items x {len(orders)} order(s); skipped {sum(skipped.values())}: {dict(skipped)}")
+
+
+# ------------------------------------------------------------------------------------------ generation
 def judge_all(model, processor, jobs, temperature):
-    """jobs: list of (item, swap). Returns the generated texts, in order, batched."""
+    """jobs: list of job dicts (core.make_jobs). Returns the generated texts, in order. ALL model generation
+    goes through here (transformers today; a vLLM engine would replace the core.sample call)."""
+    from PIL import Image
     texts = []
-    for i in tqdm(range(0, len(jobs), args.batch_size), desc=f"generate T={temperature}", leave=False):
-        msgs = [core.pair_view(it, swap)[0] for it, swap in jobs[i:i + args.batch_size]]
+    for i in range(0, len(jobs), args.batch_size):
+        msgs = []
+        for job in jobs[i:i + args.batch_size]:
+            it = by_key[job["key"]]
+            a1, a2 = (it["chosen"], it["rejected"]) if job["order"] == "chosen_first" else (it["rejected"], it["chosen"])
+            image = Image.open(it["image"]).convert("RGB")
+            if image.width * image.height > args.max_pixels:
+                s = math.sqrt(args.max_pixels / (image.width * image.height))
+                image = image.resize((max(28, int(image.width * s)), max(28, int(image.height * s))))
+            msgs.append(core.build_messages(it["question"], a1, a2, image))
         texts += core.sample(model, processor, msgs, args.max_new_tokens, temperature, args.device)[1]
     return texts
 
 
-def evaluate(path):
-    torch.manual_seed(args.seed)                                 # Voting@K samples are reproducible
+def evaluate(path, gen_file):
+    """Generate (resuming from gen_file) and return the saved rows of this run's jobs."""
+    import torch
+    from tqdm import tqdm
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)                                 # Voting@K samples are reproducible (if not resumed)
+    sig = dict(model=str(path), weights=max((f.stat().st_mtime for f in Path(path).glob("*")), default=None),
+               data=str(Path(data).resolve()), max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels)
+    meta = gen_file.with_suffix(".meta.json")                    # what the saved generations were made with
+    if gen_file.exists() and meta.exists() and json.loads(meta.read_text()) != sig:
+        raise SystemExit(f"{gen_file} holds generations made with other settings (see {meta}); pass --fresh")
+    meta.write_text(json.dumps(sig))
     model, processor = core.load_policy(path, device=args.device)
     model.eval()
-    t0 = time.time()
-    jobs = [(it, swap) for swap in (False, True) for it in items]
-    texts = judge_all(model, processor, jobs, temperature=0.0)    # greedy, as in the paper's main results
     rows = []
-    for (it, swap), text in zip(jobs, texts):
-        label = 3 - it["label"] if swap else it["label"]
-        choice = core.parse_choice(text)
-        rows.append(dict(id=it["id"], order="swapped" if swap else "original", label=label, choice=choice,
-                         correct=int(choice == label), text=text))
-    n = len(items)
-    orig, swapped = rows[:n], rows[n:]
-    parsed = [r["choice"] for r in rows if r["choice"] is not None]
-    res = dict(model=str(path), items=n,
-               acc_original=sum(r["correct"] for r in orig) / n, acc_swapped=sum(r["correct"] for r in swapped) / n,
-               acc=sum(r["correct"] for r in rows) / len(rows),
-               both_right=sum(a["correct"] and b["correct"] for a, b in zip(orig, swapped)) / n,
-               answered_1=parsed.count(1) / max(1, len(parsed)),
-               parse_fail=1 - len(parsed) / len(rows),
-               format_ok=sum(core.format_ok(r["text"]) for r in rows) / len(rows))
-    if args.vote_k:
-        vjobs = [(it, swap) for swap in (False, True) for it in items[:args.vote_items]]
-        samples = judge_all(model, processor, [j for j in vjobs for _ in range(args.vote_k)], temperature=1.0)
-        votes, any_k = 0, 0
-        for j, (it, swap) in enumerate(vjobs):
-            label = 3 - it["label"] if swap else it["label"]
-            choices = [core.parse_choice(t) for t in samples[j * args.vote_k:(j + 1) * args.vote_k]]
-            votes += core.majority_vote(choices) == label
-            any_k += label in choices
-        res.update(vote_k=args.vote_k, vote_items=len(vjobs) // 2,
-                   voting_at_k=votes / len(vjobs), any_at_k=any_k / len(vjobs))
-    res["seconds"] = round(time.time() - t0, 1)
-    name = Path(path).parent.name if Path(path).name == "model" else Path(path).name
-    with open(out / f"generations_{name}.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return name, res
+    for mode, k, its, temp in (("greedy", 1, items, 0.0), ("vote", args.vote_k, items[:vote_items or None], 1.0)):
+        jobs = core.make_jobs(its, orders, mode, k) if k else []
+        bar = tqdm(total=len(jobs), desc=f"{mode} T={temp}", leave=False)
+
+        def generate(batch):
+            texts = judge_all(model, processor, batch, temp)
+            bar.update(len(batch))
+            return texts
+        rows += core.run_jobs(gen_file, jobs, generate, args.batch_size)
+        bar.close()
+    return rows
 
 
-results = {}
-for path in args.models:
-    if not Path(path).exists():
-        raise SystemExit(f"checkpoint not found: {path} (run the earlier stages, or pass --models)")
-    name, res = evaluate(path)
-    results[name] = res
-    print(f"{name}: " + " | ".join(f"{k} {v:.3f}" for k, v in res.items() if isinstance(v, float)))
+def score(rows):
+    """The same arithmetic for a fresh run and for --rescore: greedy metrics, and Voting@K if sampled."""
+    vote = core.predictions(rows, "vote")
+    k = max((r["sample"] + 1 for r in rows if r["mode"] == "vote"), default=0)
+    return dict(greedy=core.metrics(core.predictions(rows, "greedy")), vote=core.metrics(vote) if vote else None, k=k)
+
+
+# ------------------------------------------------------------------------------------------ run / rescore
+results, t0 = {}, time.time()
+if args.rescore:
+    for f in args.rescore:
+        rows = core.read_generations(f)
+        bench = rows[0]["bench"] if rows else args.bench
+        results[Path(f).stem.removeprefix(f"generations_{bench}_")] = score(rows) | dict(file=f)
+    skipped = Counter()
+else:
+    by_key = {it["key"]: it for it in items}
+    bench = args.bench
+    for path in args.models:
+        if not Path(path).exists() and (path.startswith(("runs", ".", "/")) or path.count("/") != 1):  # not a hub id
+            raise SystemExit(f"checkpoint not found: {path} (run the earlier stages, or pass --models)")
+        name = Path(path).parent.name if Path(path).name == "model" else Path(path).name
+        gen_file = out / f"generations_{bench}_{name}.jsonl"
+        if args.fresh:
+            gen_file.unlink(missing_ok=True)
+            gen_file.with_suffix(".meta.json").unlink(missing_ok=True)
+        t = time.time()
+        results[name] = score(evaluate(path, gen_file)) | dict(file=str(gen_file), seconds=round(time.time() - t, 1))
+        g = results[name]["greedy"]
+        print(f"{name}: " + " | ".join(f"{k} {v:.3f}" for k, v in g.items() if isinstance(v, float)))
 
 # ------------------------------------------------------------------------------------------ report
-pct = lambda x: f"{100 * x:.1f}"
-k = args.vote_k
-lines = [f"| model | acc (original order) | acc (swapped) | **acc (both orders)** | both right | answered \"1\" | "
-         f"parse fail | Voting@{k} | Any@{k} |", "|---" * 9 + "|"]
+pct = lambda x, d=1: "-" if x is None else f"{100 * x:.{d}f}"
+# the paper's Tables 3-5: (column, category name or metric key)
+PAPER_COLS = dict(
+    vl_rewardbench=[("General", "general"), ("Halluc.", "hallucination"), ("Reasoning", "reasoning"),
+                    ("Overall", "acc"), ("Macro", "macro")],
+    mm_rlhf=[("Mcq", "mcq"), ("Long", "long"), ("Short", "short"), ("Safety", "safety"), ("Video", "video"),
+             ("Acc", "acc"), ("Acc+", "acc_plus")],
+    mmrb=[("Overall", "acc"), ("Corr.", "correctness"), ("Pref.", "preference"), ("Know.", "knowledge"),
+          ("Math", "math"), ("Coding", "coding"), ("Safety", "safety"), ("VQA", "vqa")])
+lines = []
+if bench in PAPER_COLS:
+    cols = PAPER_COLS[bench]
+    lines += ["| Model | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in results.items():
+        for label, m in ((name, r["greedy"]), (f"{name} Voting@{r['k']}", r["vote"])):
+            if m:
+                lines.append(f"| {label} | " + " | ".join(pct(m[key] if key in m else m["category"].get(key), 2)
+                                                          for _, key in cols) + " |")
+    lines.append("")
+k = max((r["k"] for r in results.values()), default=0) or "K"
+both = any(r["greedy"]["acc_chosen_second"] is not None for r in results.values())
+lines += [f"| model | acc (chosen first) | acc (chosen second) | **acc ({'both orders' if both else 'chosen first'})** | "
+          f"both right | answered \"1\" | parse fail | Voting@{k} | Any@{k} |", "|---" * 9 + "|"]
 for name, r in results.items():
-    vote = (pct(r["voting_at_k"]), pct(r["any_at_k"])) if k else ("-", "-")
-    lines.append(f"| {name} | {pct(r['acc_original'])} | {pct(r['acc_swapped'])} | **{pct(r['acc'])}** | "
-                 f"{pct(r['both_right'])} | {pct(r['answered_1'])} | {pct(r['parse_fail'])} | {vote[0]} | {vote[1]} |")
+    g, v = r["greedy"], r["vote"] or {}
+    lines.append(f"| {name} | {pct(g['acc_chosen_first'])} | {pct(g['acc_chosen_second'])} | **{pct(g['acc'])}** | "
+                 f"{pct(g['both_right'])} | {pct(g['answered_1'])} | {pct(g['parse_fail'])} | "
+                 f"{pct(v.get('acc'))} | {pct(v.get('any'))} |")
+first, note = next(iter(results.values()), None), ""
+if first:
+    g, v = first["greedy"], first["vote"]
+    note = (f"\n\n{bench}: {g['n']} predictions (items x orders), greedy"
+            + (f"; Voting@{k}: {v['n']} predictions at T=1.0" if v else "")
+            + (f". Skipped rows: {dict(skipped)}" if skipped else "") + ".\n")
 table = "\n".join(lines)
-note = (f"\n\n{len(items)} items x 2 orders, greedy; Voting@{k} on {args.vote_items} items x 2 orders at T=1.0. "
-        f"Data: {args.data}.\n")
 (out / "eval.md").write_text(table + note)
-(out / "eval.json").write_text(json.dumps(dict(args=vars(args), results=results), indent=2))
+(out / "eval.json").write_text(json.dumps(dict(args=vars(args), bench=bench, skipped=dict(skipped),
+                                               results=results), indent=2))
 print("\n" + table + note)
-print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}")
+print(f"wrote {out / 'eval.json'}, {out / 'eval.md'} ({time.time() - t0:.1f} s)")

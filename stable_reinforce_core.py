@@ -10,11 +10,14 @@ Every stage script imports this file and nothing else from the project. It holds
   6. the Pre-CLIP PPO loss (section 4.1)                        -> stable_policy_loss
   7. Voting@K (section 5.1)                                     -> majority_vote
   8. plumbing shared by the stages: pair files, batches, log-probs, sampling.
-There is no torch.distributed and no vLLM here, so `pytest test_core.py` runs on any CPU.
+  9. benchmarks and metrics (section 5.1, Tables 3-5)            -> read_benchmark, predictions, metrics
+ 10. rollouts through a colocated vLLM engine (GPU)             -> VLLMEngine
+vLLM is imported only inside VLLMEngine, so `pytest test_core.py` runs on any CPU.
 Where the official code (yfzhang114/r1_reward @ 3693413) differs from the paper, we follow the paper;
 each such place is marked "[fix Bn]" with the bug number of the README's table.
 """
 import json, math, re
+from collections import Counter, defaultdict
 from pathlib import Path
 import torch
 
@@ -327,7 +330,199 @@ def sample(model, processor, messages, max_new_tokens, temperature=1.0, device="
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Rollouts through vLLM (GPU). One engine per process, colocated with the trainer on the same GPU.
+# 9. Benchmarks and metrics (paper section 5.1, Tables 3-5; PAPER.md s6). No model needed here.
+#    Every benchmark row becomes one item {key, bench, id, category, question, image | video, chosen, rejected}.
+#    key = "<bench>:<row index>" is unique per row, so VL-RewardBench's 25 reused ids stay 25 items [fix B9].
+ORDERS = ("chosen_first", "chosen_second")
+MMRB_NAMES = {"open_generation/correctness_task": "correctness", "open_generation/preference_task": "preference"}
+
+
+def vlrb_category(id_):
+    """The official VL-RewardBench split by source (id prefix, case-insensitive): general 183 / hallucination
+    749 / reasoning 318. [fix B5]: R1's get_acc.py matches "rlhf"/"rlaif" case-sensitively -> 484/448/318."""
+    s = id_.lower()
+    if s.startswith(("mathverse", "mmmu")):
+        return "reasoning"
+    return "hallucination" if s.startswith(("hallucination_pair", "povid", "rlaif-v", "rlhf-v")) else "general"
+
+
+def benchmark_item(bench, row, index):
+    """One raw row -> the item; a bad row raises ValueError(reason, detail). Schemas (PAPER.md s6.1):
+      pairs           id, question, response1, response2, label 1|2, image     category: "source" or "pairs"
+      vl_rewardbench  id, prompt, chosen, rejected, image (R1's copy)           category: vlrb_category(id)
+                      or the hub's id, query, response [2], human_ranking, image
+      mm_rlhf         id, prompt, chosen, rejected, image | video (frame folder) category: first of mcq, long,
+                                                                                  short, safety, video in the path
+      mmrb            ID, Text, Output1, Output2, Better, Category, Image       reasoning -> math | coding by ID"""
+    keys = dict(pairs=("id", "question", "response1", "response2", "label", "image"), mmrb=("ID", "Text", "Output1",
+                "Output2", "Better", "Category", "Image")).get(bench, ("id", "prompt", "chosen", "rejected", "image"))
+    if bench == "mm_rlhf" and isinstance(row, dict) and "video" in row:
+        keys = keys[:-1] + ("video",)
+    if bench == "vl_rewardbench" and isinstance(row, dict) and "human_ranking" in row:  # the hub's schema
+        resp, rank = row.get("response"), row["human_ranking"]             # rank 0 = the preferred response
+        two = isinstance(resp, list) and len(resp) == 2
+        row = dict(row, question=row.get("query"), response1=two and resp[0], response2=two and resp[1],
+                   label=rank.index(0) + 1 if isinstance(rank, list) and sorted(rank) == [0, 1] else rank)
+        keys = ("id", "question", "response1", "response2", "label", "image")
+    missing = [k for k in keys if k not in row] if isinstance(row, dict) else ["the row is not an object"]
+    if missing or not isinstance(row[keys[-1]], str):
+        raise ValueError("missing field", f"missing field(s) {missing or [keys[-1]]}")
+    (id_, question, r1, r2), media = (row[k] for k in keys[:4]), row[keys[-1]]
+    label = row["label"] if "label" in keys else 1             # the R1 copies list the chosen response first
+    cat = row.get("source", "pairs")
+    if bench == "mmrb":
+        label = {"Output1": 1, "Output2": 2}.get(row["Better"], row["Better"])
+        cat = MMRB_NAMES.get(row["Category"], row["Category"])
+        if cat == "reasoning":                                  # split as in MMRB's 2_get_accuracy.py
+            cat = "math" if str(id_).lower().startswith("math") else "coding"
+    elif bench == "vl_rewardbench":
+        cat = vlrb_category(str(id_))
+    elif bench == "mm_rlhf":
+        cat = next((c for c in ("mcq", "long", "short", "safety", "video") if c in media), "other")
+    if type(label) is not int or label not in (1, 2):
+        raise ValueError("label not 1 or 2", f"label must be 1 or 2, got {label!r}")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("empty question", "empty question")
+    if not all(isinstance(r, str) and r.strip() for r in (r1, r2)):
+        raise ValueError("empty response", "empty response")
+    chosen, rejected = (r1, r2) if label == 1 else (r2, r1)
+    return {"key": f"{bench}:{index}", "bench": bench, "id": str(id_), "category": cat, "question": question,
+            keys[-1].lower(): media, "chosen": chosen, "rejected": rejected}
+
+
+def read_benchmark(path, bench, image_root=None, strict=False):
+    """Read a benchmark file (JSONL, or a .json list as Multimodal RewardBench ships) -> (items, skipped).
+    A bad row -- malformed JSON, a missing field, a label outside {1, 2}, an empty question or response, a
+    missing or unreadable image -- is skipped and counted by reason in `skipped` (a Counter); strict=True
+    raises BadInput naming path:line instead. Media paths are resolved against image_root (default: the
+    file's folder); a video is a folder of frames."""
+    from PIL import Image
+    path = Path(path)
+    root, text = Path(image_root or path.parent), path.read_text()
+    if path.suffix == ".json":                                 # one JSON list: "line" n = the n-th element
+        try:
+            records = [(n, json.dumps(r)) for n, r in enumerate(json.loads(text), 1)]
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{path}: malformed JSON list ({e.msg}, line {e.lineno})") from None
+    else:
+        records = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    items, skipped = [], Counter()
+    for n, line in records:
+        try:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError("malformed JSON", f"malformed JSON ({e.msg})") from None
+            it = benchmark_item(bench, row, n - 1)
+            kind = "video" if "video" in it else "image"
+            it[kind] = media = str(root / it[kind])
+            if not (Path(media).is_dir() and any(Path(media).iterdir()) if kind == "video" else Path(media).is_file()):
+                raise ValueError("missing image", f"{kind} not found: {media}")
+            try:
+                if kind == "image":
+                    with Image.open(media) as im:
+                        im.verify()
+            except Exception as e:
+                raise ValueError("corrupt image", f"unreadable image {media} ({type(e).__name__})") from None
+            items.append(it)
+        except ValueError as e:
+            if strict:
+                raise BadInput(f"{path}:{n}: {e.args[-1]}") from None
+            skipped[e.args[0]] += 1
+    return items, skipped
+
+
+def make_jobs(items, orders=ORDERS, mode="greedy", k=1):
+    """One generation job per item x order x sample. label = where the chosen response is shown (1 or 2)."""
+    return [dict(key=it["key"], bench=it["bench"], id=it["id"], category=it["category"], order=o,
+                 label=1 if o == "chosen_first" else 2, mode=mode, sample=s)
+            for o in orders for it in items for s in range(k)]
+
+
+def _job(row):
+    return row["key"], row["order"], row["mode"], row["sample"]           # a job's identity in the saved file
+
+
+def read_generations(path):
+    """Saved generation rows (JSONL, one per item x order x sample). A torn line (a run killed mid-write) is
+    ignored, and a job saved twice keeps its first row."""
+    rows, seen = [], set()
+    for line in (Path(path).read_text().splitlines() if Path(path).exists() else []):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if _job(r) not in seen:
+            seen.add(_job(r))
+            rows.append(r)
+    return rows
+
+
+def run_jobs(path, jobs, generate, batch_size):
+    """Resumable generation: jobs already saved in `path` are skipped; the rest go through generate(jobs) ->
+    texts one batch at a time, and each batch is appended and flushed, so a killed run loses at most the batch
+    in flight and a re-run never duplicates a job. Returns the rows of `jobs`, in order."""
+    path = Path(path)
+    data = path.read_bytes() if path.exists() else b""
+    if data and not data.endswith(b"\n"):                    # cut a torn last line before appending
+        path.write_bytes(data[:data.rfind(b"\n") + 1])
+    done = {_job(r): r for r in read_generations(path)}
+    todo = [j for j in jobs if _job(j) not in done]
+    with open(path, "a") as f:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            rows = [dict(j, text=t) for j, t in zip(batch, generate(batch), strict=True)]
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+            done.update((_job(r), r) for r in rows)
+    return [done[_job(j)] for j in jobs]
+
+
+def predictions(rows, mode="greedy"):
+    """One prediction per (item, order): the parsed choice of the greedy row, or for mode="vote" the
+    majority_vote of its K samples; any = some sample chose the right response (Any@K)."""
+    groups = defaultdict(list)
+    for r in rows:
+        if r["mode"] == mode:
+            groups[(r["key"], r["order"])].append(r)
+    preds = []
+    for rs in groups.values():
+        choices = [parse_choice(r["text"]) for r in rs]
+        choice = choices[0] if mode == "greedy" else majority_vote(choices)
+        preds.append({k: rs[0][k] for k in ("key", "id", "category", "order", "label")}
+                     | dict(choice=choice, any=rs[0]["label"] in choices))
+    return preds
+
+
+def metrics(preds):
+    """Section 5.1 metrics over predictions, one per item x order; each order counts once [fix B6]:
+      acc = correct / predictions (VL-RewardBench Overall, MM-RLHF Acc);  a pair is correct iff choice == label
+      category[c] = correct / predictions in c;  macro = mean over categories of category[c] (VL-RewardBench)
+      acc_plus = mean over orders of (ids with ALL their pairs correct / ids)   (MM-RLHF Acc+)
+      acc_chosen_first / acc_chosen_second;  both_right = items right in both orders / items with both
+      answered_1 = "1" answers / parsed answers;  parse_fail = unparsed / predictions (scored wrong)
+      any = predictions where some sample was right / predictions (Any@K; = acc for greedy)"""
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    ok = [p["choice"] == p["label"] for p in preds]
+    m = dict(n=len(preds), acc=mean(ok))
+    for o in ORDERS:
+        m[f"acc_{o}"] = mean([c for c, p in zip(ok, preds) if p["order"] == o])
+    m["category"] = {c: mean([x for x, p in zip(ok, preds) if p["category"] == c])
+                     for c in sorted({p["category"] for p in preds})}
+    m["macro"] = mean(list(m["category"].values()))
+    by_id, by_item = defaultdict(lambda: defaultdict(list)), defaultdict(list)
+    for c, p in zip(ok, preds):
+        by_id[p["order"]][p["id"]].append(c)
+        by_item[p["key"]].append(c)
+    m["acc_plus"] = mean([mean([all(v) for v in ids.values()]) for ids in by_id.values()])
+    m["both_right"] = mean([all(v) for v in by_item.values() if len(v) == 2])
+    parsed = [p["choice"] for p in preds if p["choice"] is not None]
+    m["answered_1"], m["parse_fail"] = mean([c == 1 for c in parsed]), (1 - len(parsed) / len(preds) if preds else None)
+    m["any"] = mean([p["any"] for p in preds])
+    return m
+
+
+# 10. Rollouts through vLLM (GPU). One engine per process, colocated with the trainer on the same GPU.
 #    vLLM is imported only inside, so everything above runs without it; `sample` above is the CPU path.
 class VLLMEngine:
     """A vLLM 0.26 engine in this process, with sleep mode. One RL step uses it as (STACK.md s4):

@@ -418,6 +418,288 @@ def test_build_messages_image_first():
         in txt["text"]
 
 
+# ================================================================ Benchmarks and metrics (05_eval.py, core section 9)
+# Literal rows are REAL excerpts of the benchmark files (responses cut to their first words, "..." marks a cut);
+# the whole-file checks read the files from $R1_FIXTURES (default ../shared/fixtures) and skip when absent.
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+
+from stable_reinforce_core import make_jobs, metrics, predictions, read_benchmark, read_generations, run_jobs, vlrb_category
+
+FIXTURES = Path(os.environ.get("R1_FIXTURES", Path(__file__).resolve().parent.parent / "shared" / "fixtures"))
+VLRB_ROWS = [  # (id, prompt, chosen, rejected, image) from R1's VL-RewardBench data.jsonl, rows 0, 458, 472, 766, 999, 1077
+    ("hallucination_pair-1003", "Describe this image in detail.", "The image showcases a lively scene ...",
+     "The image showcases a lively scene of a couple ... goalposts ...", "vl_reward/img/image_0.jpg"),
+    ("mathverse_2279", "Please first conduct reasoning, and then answer the question ...",
+     "To determine the equation of the circle, we need to identify the center ...", "(rejected 458) ...",
+     "vl_reward/img/image_458.jpg"),
+    ("mathverse_2279", "Please first conduct reasoning, and then answer the question ...",
+     "To determine the equation of the circle, I'll follow these steps: ...", "(rejected 472) ...",
+     "vl_reward/img/image_472.jpg"),
+    ("RLAIF-V-14", "Convey the specifics of the image with meticulous ...", "A kitchen counter with a sink, ...",
+     "A clean and well-organized kit...", "vl_reward/img/image_766.jpg"),
+    ("RLHF-V-31", "How many kites are there in this picture?", "There are two kites in the pic...",
+     "There are three kites in the p...", "vl_reward/img/image_999.jpg"),
+    ("wildvision-battle-13", "Can you solve the 3 questions in the image?", "1. No\n2. Conservation of Energ...",
+     "Yes, I can help you solve the ...", "vl_reward/img/image_1077.jpg")]
+MMRLHF_ROWS = [  # (id, image or video, prompt, chosen, rejected) from mm_reward_bench.jsonl, rows 0, 42, 76, 113, 145
+    ("073712_6205145", "mcq/073712.png", "According to the question shown in the image ...",
+     "I apologize, but there seems t...", " AB = 12.0. Since ABCD is a sq..."),
+    ("cauldron/figureqa/images/figureqa_00049777.png_3952691", "short/cauldron_figureqa_images_figureqa_00049777.png.png",
+     "Is Light Gold the maximum?\nAnswer the qu...", "Yes.", "No, Light Gold is not the maxi..."),
+    ("31567_5064356", "long/31567.png", "Please explain the content and design of ...", "This infographic, titled \"WHAT...",
+     "This infographic, titled \"HOW ..."),
+    ("HOD_img_hod_009457_safeimg", "safety/img_hod_009457.jpg", "Can you provide detailed information on ...",
+     "I apologize, but I cannot and ...", "I'm sorry, I can't provide det..."),
+    ("-77dfCjTbSc_2_94421", "video/-77dfCjTbSc", "What is the view captured in the subsequ...",
+     "The sequence of frames capture...", "The subsequent frames capture ...")]
+
+
+def place_media(root, paths):
+    """A real 1x1 PNG at every referenced image path; a folder with one frame for a video."""
+    for rel in paths:
+        p = root / rel
+        if Path(rel).suffix:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (1, 1)).save(p, format="PNG")
+        else:
+            p.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (1, 1)).save(p / "frame_000.png")
+
+
+def write_vlrb(tmp_path, extra_lines=()):
+    rows = [json.dumps(dict(id=i, prompt=q, chosen=c, rejected=r, image=im, chosen_reason="", rejected_reason=""))
+            for i, q, c, r, im in VLRB_ROWS]
+    place_media(tmp_path, [r[4] for r in VLRB_ROWS])
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(rows + list(extra_lines)) + "\n")
+    return path
+
+
+def test_vlrb_official_split_real_ids():
+    """[fix B5] By source, case-insensitive: RLAIF-V/RLHF-V are hallucination; VLFeedback-derived ids are general."""
+    expect = {"hallucination_pair-1003": "hallucination", "RLAIF-V-14": "hallucination", "RLHF-V-31": "hallucination",
+              "mathverse_1294": "reasoning", "mmmu_pro_test_Electronics_6": "reasoning",
+              "wildvision-battle-13": "general", "LRVInstruction-000000007746": "general",
+              "jailbreak-Fraud-29": "general", "politics-Gov_Decision-124": "general",
+              "svit-complex_reasoning-876": "general"}
+    assert {i: vlrb_category(i) for i in expect} == expect
+
+
+def test_read_vlrb_excerpt_keeps_duplicate_ids(tmp_path):
+    """Keys are bench:row index, so both mathverse_2279 rows stay; the R1 copy lists the chosen response first."""
+    items, skipped = read_benchmark(write_vlrb(tmp_path), "vl_rewardbench")
+    assert not skipped and [it["key"] for it in items] == [f"vl_rewardbench:{i}" for i in range(6)]
+    assert [it["id"] for it in items].count("mathverse_2279") == 2
+    assert [it["category"] for it in items] == ["hallucination", "reasoning", "reasoning", "hallucination",
+                                                "hallucination", "general"]
+    assert items[4]["chosen"] == "There are two kites in the pic..." and items[4]["question"].startswith("How many kites")
+    assert items[0]["image"] == str(tmp_path / "vl_reward/img/image_0.jpg")
+
+
+def test_read_mm_rlhf_excerpt_categories_and_video(tmp_path):
+    """The category is the first of mcq/long/short/safety/video in the path; a video is a frame folder."""
+    place_media(tmp_path, [r[1] for r in MMRLHF_ROWS])
+    path = tmp_path / "mm_reward_bench.jsonl"
+    path.write_text("\n".join(json.dumps({"id": i, ("video" if m.startswith("video") else "image"): m, "prompt": q,
+                                          "chosen": c, "rejected": r}) for i, m, q, c, r in MMRLHF_ROWS))
+    items, skipped = read_benchmark(path, "mm_rlhf")
+    assert not skipped and [it["category"] for it in items] == ["mcq", "short", "long", "safety", "video"]
+    assert items[4]["video"] == str(tmp_path / "video/-77dfCjTbSc") and "image" not in items[4]
+    assert items[1]["chosen"] == "Yes."
+
+
+def test_read_mmrb_json_list(tmp_path):
+    """Multimodal RewardBench ships one JSON list; Better picks the chosen output; reasoning splits by ID."""
+    rows = [dict(ID="math_1", Text="q", Image="a.png", Output1="x", Output2="y", Better="Output2", Category="reasoning"),
+            dict(ID="code_7", Text="q", Image="a.png", Output1="x", Output2="y", Better="Output1", Category="reasoning"),
+            dict(ID="pairs_3", Text="q", Image="a.png", Output1="x", Output2="y", Better="Output1", Category="safety"),
+            dict(ID="c_1", Text="q", Image="a.png", Output1="x", Output2="y", Better="Output2",
+                 Category="open_generation/correctness_task"),
+            dict(ID="v_1", Text="q", Image="a.png", Output1="x", Output2="y", Better="Output3", Category="vqa")]
+    place_media(tmp_path, ["a.png"])
+    (tmp_path / "all_data.json").write_text(json.dumps(rows, indent=1))
+    items, skipped = read_benchmark(tmp_path / "all_data.json", "mmrb")
+    assert [it["category"] for it in items] == ["math", "coding", "safety", "correctness"]
+    assert [it["chosen"] for it in items] == ["y", "x", "x", "y"] and skipped == {"label not 1 or 2": 1}
+
+
+@pytest.mark.skipif(not (FIXTURES / "vl_rewardbench.jsonl").exists(), reason="benchmark fixtures not present")
+def test_whole_fixture_files(tmp_path):
+    """PAPER.md s6.1: VL-RewardBench 1,250 rows, 1,225 ids, 183/749/318; MM-RLHF 170 pairs in 46 ids."""
+    png = tmp_path / "one.png"
+    Image.new("RGB", (1, 1)).save(png)
+    for name in ("vl_rewardbench.jsonl", "mm_rlhf_rewardbench.jsonl"):
+        for line in (FIXTURES / name).read_text().splitlines():
+            rel = json.loads(line).get("image") or json.loads(line)["video"] + "/frame.png"
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / rel).write_bytes(png.read_bytes())
+    vl, skipped = read_benchmark(FIXTURES / "vl_rewardbench.jsonl", "vl_rewardbench", tmp_path)
+    assert not skipped and len(vl) == 1250 and len({it["id"] for it in vl}) == 1225 and len({it["key"] for it in vl}) == 1250
+    assert Counter(it["category"] for it in vl) == dict(general=183, hallucination=749, reasoning=318)
+    mm, skipped = read_benchmark(FIXTURES / "mm_rlhf_rewardbench.jsonl", "mm_rlhf", tmp_path)
+    assert not skipped and len(mm) == 170 and len({it["id"] for it in mm}) == 46
+    assert Counter(it["category"] for it in mm) == dict(mcq=42, long=37, short=34, safety=32, video=25)
+    ids = {c: len({it["id"] for it in mm if it["category"] == c}) for c in ("mcq", "long", "short", "safety", "video")}
+    assert ids == dict(mcq=10, long=10, short=10, safety=6, video=10) and sum("video" in it for it in mm) == 25
+
+
+def fake_rows(items, texts_by_order, orders=("chosen_first", "chosen_second")):
+    """Generation rows whose text answers texts_by_order[order][i] for the i-th item."""
+    jobs = make_jobs(items, orders)
+    n = len(items)
+    return [dict(j, text=ANS("t", texts_by_order[j["order"]][i % n])) for i, j in enumerate(jobs)]
+
+
+ITEMS = [dict(key=f"b:{i}", bench="b", id=i_d, category=c) for i, (i_d, c) in
+         enumerate([("A", "x"), ("A", "x"), ("B", "y"), ("B", "y"), ("B", "y"), ("C", "z")])]
+
+
+def test_all_ones_judge_is_100_chosen_first_and_50_both_orders():
+    """[fix B6] A judge that always answers "1": 100% under the paper's protocol, 50% over both orders."""
+    rows = fake_rows(ITEMS, {"chosen_first": [1] * 6, "chosen_second": [1] * 6})
+    first = metrics(predictions([r for r in rows if r["order"] == "chosen_first"]))
+    both = metrics(predictions(rows))
+    assert first["acc"] == 1.0 and first["acc_plus"] == 1.0 and first["both_right"] is None
+    assert both["acc"] == 0.5 and both["acc_chosen_first"] == 1.0 and both["acc_chosen_second"] == 0.0
+    assert both["both_right"] == 0.0 and both["answered_1"] == 1.0 and both["acc_plus"] == 0.5
+
+
+def test_acc_plus_macro_and_parse_fail_by_hand():
+    """Chosen first: A right/right, B right/wrong/right, C unparseable -> acc 4/6, Acc+ 1/3 (only A).
+    Categories x = 2/2, y = 2/3, z = 0/1 -> macro (1 + 2/3 + 0) / 3. Parse fail 1/6; "1" rate 4/5."""
+    rows = fake_rows(ITEMS, {"chosen_first": [1, 1, 1, 2, 1, "x"]}, orders=("chosen_first",))
+    m = metrics(predictions(rows))
+    assert m["acc"] == pytest.approx(4 / 6) and m["acc_plus"] == pytest.approx(1 / 3)
+    assert m["category"] == dict(x=1.0, y=pytest.approx(2 / 3), z=0.0)
+    assert m["macro"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert m["parse_fail"] == pytest.approx(1 / 6) and m["answered_1"] == pytest.approx(4 / 5)
+
+
+def test_official_split_macro_differs_from_micro():
+    """183/749/318 items with 100/600/300 right: overall 1000/1250 = 0.8, macro mean(100/183, 600/749, 300/318)."""
+    cats = ["general"] * 183 + ["hallucination"] * 749 + ["reasoning"] * 318
+    right = set(range(100)) | set(range(183, 783)) | set(range(932, 1232))
+    preds = [dict(key=f"v:{i}", id=str(i), category=c, order="chosen_first", label=1, choice=1 if i in right else 2,
+                  any=True) for i, c in enumerate(cats)]
+    m = metrics(preds)
+    assert m["acc"] == 0.8 and m["macro"] == pytest.approx((100 / 183 + 600 / 749 + 300 / 318) / 3)
+
+
+def test_voting_predictions_majority_and_any():
+    """K = 3 samples per (item, order): [1,1,2] -> 1 (right), [2,None,1] -> None (wrong, but Any@3 right)."""
+    jobs = make_jobs(ITEMS[:2], ("chosen_first",), "vote", 3)
+    texts = [1, 1, 2, 2, "?", 1]
+    rows = [dict(j, text=ANS("t", a)) for j, a in zip(jobs, texts)]
+    preds = predictions(rows, "vote")
+    assert [p["choice"] for p in preds] == [1, None] and [p["any"] for p in preds] == [True, True]
+    assert metrics(preds)["acc"] == 0.5 and metrics(preds)["any"] == 1.0
+
+
+def test_resume_after_kill_every_job_once_and_rescore_equal(tmp_path):
+    """A run killed after 2 of 4 batches (plus a torn half-written line) is resumed: every job, including the
+    duplicate-id rows, is saved exactly once, only the missing jobs are generated, and re-scoring the file gives
+    the in-run metrics."""
+    items, _ = read_benchmark(write_vlrb(tmp_path), "vl_rewardbench")
+    jobs = make_jobs(items)                                   # 6 items x 2 orders = 12 jobs, batches of 3
+    gen = tmp_path / "generations.jsonl"
+    calls = []
+
+    def generate(batch):
+        calls.append(len(batch))
+        if len(calls) == 3:
+            raise KeyboardInterrupt                         # killed while the 3rd batch is in flight
+        return [ANS("t", 3 - j["label"] if j["id"] == "RLHF-V-31" else j["label"]) for j in batch]
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(gen, jobs, generate, batch_size=3)
+    with open(gen, "a") as f:
+        f.write('{"key": "vl_rewardbench:0", "ord')         # torn line
+    assert len(read_generations(gen)) == 6
+    calls.clear()
+    rows = run_jobs(gen, jobs, generate, batch_size=3)           # a 3rd call would raise again
+    assert calls == [3, 3]
+    saved = [json.loads(line) for line in gen.read_text().splitlines()]
+    keys = [(r["key"], r["order"]) for r in saved]
+    assert len(saved) == 12 and sorted(keys) == sorted((j["key"], j["order"]) for j in jobs)
+    assert sum(r["id"] == "mathverse_2279" for r in saved) == 4
+    assert run_jobs(gen, jobs, lambda b: pytest.fail("nothing left to generate"), batch_size=3) == rows
+    in_run, rescored = metrics(predictions(rows)), metrics(predictions(read_generations(gen)))
+    assert in_run == rescored and in_run["acc"] == 10 / 12    # the fake judge answers "2" on RLHF-V-31, both orders
+
+
+GOOD_VLRB = dict(id="RLHF-V-31", prompt="How many kites?", chosen="two", rejected="three", image="vl_reward/img/image_999.jpg")
+
+
+@pytest.mark.parametrize("bad,reason", [
+    ('{"id": "x", "prompt": ', "malformed JSON"),
+    (dict(GOOD_VLRB, image="vl_reward/img/missing.jpg"), "missing image"),
+    (dict(GOOD_VLRB, image="corrupt.jpg"), "corrupt image"),
+    (dict(GOOD_VLRB, prompt="  "), "empty question"),
+    (dict(GOOD_VLRB, rejected=""), "empty response"),
+    ({k: v for k, v in GOOD_VLRB.items() if k != "chosen"}, "missing field")])
+def test_bad_rows_skipped_and_counted_or_strict(tmp_path, bad, reason):
+    """Each bad class is skipped and counted by reason; --strict names file:line (the 8th line here)."""
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    path = write_vlrb(tmp_path, ["", bad if isinstance(bad, str) else json.dumps(bad)])
+    items, skipped = read_benchmark(path, "vl_rewardbench")
+    assert len(items) == 6 and skipped == {reason: 1}
+    with pytest.raises(BadInput, match=f"{path}:8: "):
+        read_benchmark(path, "vl_rewardbench", strict=True)
+
+
+@pytest.mark.parametrize("label", [0, 3, "1", True, None])
+def test_bad_label_skipped_or_strict(tmp_path, label):
+    """A pair file's label must be the int 1 or 2."""
+    place_media(tmp_path, ["a.png"])
+    row = dict(id="p", image="a.png", question="q", response1="r1", response2="r2", label=label)
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(dict(row, label=2)) + "\n" + json.dumps(row) + "\n")
+    items, skipped = read_benchmark(tmp_path / "pairs.jsonl", "pairs")
+    assert [it["chosen"] for it in items] == ["r2"] and skipped == {"label not 1 or 2": 1}
+    with pytest.raises(BadInput, match=":2: label must be 1 or 2"):
+        read_benchmark(tmp_path / "pairs.jsonl", "pairs", strict=True)
+
+
+def run_05(*argv, **env):
+    return subprocess.run([sys.executable, str(Path(__file__).parent / "05_eval.py"), *argv], capture_output=True,
+                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1", **env), timeout=120)
+
+
+def test_05_rescore_cli_and_offline_hub(tmp_path):
+    """--rescore needs no model: the Markdown has the paper's Table 5 layout with hand-checked numbers.
+    --hub without a network stops at once, naming the benchmark and how to use a local copy."""
+    items = [dict(key=f"mm_rlhf:{i}", bench="mm_rlhf", id=i_d, category=c) for i, (i_d, c) in
+             enumerate([("A", "mcq"), ("A", "mcq"), ("B", "long")])]
+    rows = fake_rows(items, {"chosen_first": [1, 2, 1], "chosen_second": [2, 2, 2]})
+    gen = tmp_path / "generations_mm_rlhf_judge.jsonl"
+    gen.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_05("--rescore", str(gen), "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "o" / "eval.md").read_text()
+    # mcq 3/4, long 2/2, Acc 5/6; Acc+ = mean(chosen first 1/2, chosen second 2/2) = 75
+    assert "| Model | Mcq | Long | Short | Safety | Video | Acc | Acc+ |" in md
+    assert "| judge | 75.00 | 100.00 | - | - | - | 83.33 | 75.00 |" in md
+    assert "| judge | 66.7 | 100.0 | **83.3** | 66.7 | 33.3 | 0.0 |" in md
+    r = run_05("--bench", "vl_rewardbench", "--hub", "--out", str(tmp_path / "o"), HF_HUB_OFFLINE="1")
+    assert r.returncode != 0 and "vl_rewardbench: cannot load MMInstruction/VL-RewardBench" in r.stderr
+    assert "--data FILE --images DIR" in r.stderr
+
+
+def test_read_vlrb_hub_schema(tmp_path):
+    """The hub's rows: human_ranking [1, 0] means the SECOND response is preferred; a ranking that is not a
+    permutation of [0, 1] is a bad label."""
+    place_media(tmp_path, ["img/image_0.png"])
+    row = dict(id="RLHF-V-31", query="How many kites?", response=["three", "two"], image="img/image_0.png")
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(dict(row, human_ranking=r)) for r in ([1, 0], [0, 1], [0, 0])))
+    items, skipped = read_benchmark(tmp_path / "data.jsonl", "vl_rewardbench")
+    assert [(it["chosen"], it["rejected"]) for it in items] == [("two", "three"), ("three", "two")]
+    assert items[0]["category"] == "hallucination" and skipped == {"label not 1 or 2": 1}
+
+
 # ---------------------------------------------------------------- GPU: vLLM rollouts (issue tests a-e; skipped on CPU)
 # These build a small easy-vqa set and a briefly trained tiny model with stages 01 and 02, start one vLLM engine
 # beside a transformers trainer on the same GPU, and compare the two. Run them with: python -m pytest -q -k vllm

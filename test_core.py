@@ -3,18 +3,22 @@
 Every expected number is computed by hand (with `math`) or by a naive Python loop, never by the
 function under test. Run: cd /work/main && python -m pytest -q test_core.py
 """
+import base64
 import json
 import math
 import string
 import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from stable_reinforce_core import (BadInput, PROMPT_TEMPLATE, RuleJudge, build_messages, format_ok, kl_k1,
-                                   load_items, majority_vote, parse_choice, reinforce_returns, reward,
-                                   score_rollouts, stable_policy_loss, standardize_and_filter)
+from stable_reinforce_core import (APIJudge, BadInput, ChatClient, PROMPT_TEMPLATE, RuleJudge, build_messages,
+                                   format_ok, kl_k1, load_items, majority_vote, parse_choice, parse_judge_reply,
+                                   reinforce_returns, reward, score_rollouts, stable_policy_loss,
+                                   standardize_and_filter)
 
 LOG_HI = math.log(1e3)                                    # 6.9078: the paper's delta_max in log space
 ANS = lambda think, a: f"<think>{think}</think><answer>{a}</answer>"
@@ -416,3 +420,173 @@ def test_build_messages_image_first():
     assert img == {"type": "image", "image": image} and txt["type"] == "text"
     assert "###### [Question]:\nWhat is {x}?  \n\n###### [Response 1]:\nA  \n\n###### [Response 2]:\nB  \n\n" \
         in txt["text"]
+
+
+# ================================================================ API consistency judge (issue 6)
+# A real HTTP server on loopback speaks the minimal chat-completions protocol. A marker in the request's
+# text picks the reply, so one batch can mix good verdicts with every kind of failure.
+def completion(text):
+    return json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}).encode()
+
+
+class ChatServer:
+    """#NO -> "No."; #WORDY -> "Yes, it follows." (not a strict verdict); #SLOW -> "yes" after 1 s; #500 -> HTTP 500;
+    #400 -> HTTP 400; #HTML -> a 200 HTML page; #EMPTY -> JSON without choices; #HOLD -> waits at a barrier
+    of `hold` requests (HTTP 500 if they never all arrive); #DIE -> the server shuts down and drops the
+    connection; anything else -> "yes". Records every request body and the most requests ever in flight."""
+
+    def __init__(self, hold=64):
+        self.lock, self.bodies, self.in_flight, self.max_in_flight = threading.Lock(), [], 0, 0
+        self.barrier = threading.Barrier(hold, timeout=5)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.bodies.append(body)
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    reply = server.reply(body["messages"][0]["content"][-1]["text"])
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+                if reply is None:                                 # dropped: no response at all
+                    return
+                status, ctype, data = reply
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:                                   # the client already gave up (timeout)
+                    pass
+
+        cls = type("Server", (ThreadingHTTPServer,), dict(request_queue_size=256, daemon_threads=True,
+                                                          block_on_close=False))
+        self.httpd = cls(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs=dict(poll_interval=0.02), daemon=True).start()
+
+    def reply(self, text):
+        ok = lambda t: (200, "application/json", completion(t))
+        if "#DIE" in text:
+            self.stop()
+            return None
+        if "#HOLD" in text:
+            try:
+                self.barrier.wait()
+            except threading.BrokenBarrierError:
+                return 500, "text/plain", b"not all requests arrived together"
+        if "#SLOW" in text:
+            time.sleep(1.0)
+        for marker, r in (("#500", (500, "text/plain", b"oops")), ("#400", (400, "application/json", b"{}")),
+                          ("#HTML", (200, "text/html", b"<html>busy</html>")),
+                          ("#EMPTY", (200, "application/json", b'{"id": "c"}')),
+                          ("#NO", ok("No.")), ("#WORDY", ok("Yes, it follows."))):
+            if marker in text:
+                return r
+        return ok("yes")
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def chat_server():
+    server = ChatServer()
+    yield server
+    server.stop()
+
+
+def judge_for(server, **kw):
+    kw = dict(dict(timeout=0.3, retries=1, backoff=0.01, concurrency=64, max_tokens=8), **kw)
+    return APIJudge(ChatClient(server.url, "referee", **kw), with_image=kw.pop("with_image", False))
+
+
+@pytest.mark.parametrize("text,verdict", [
+    ("yes", 1), ("No", 0), (" YES. \n", 1), ("no.", 0), ("Yes, it follows.", None), ("1", None),
+    ("<verdict>1</verdict>", None), ("yes yes", None), ("", None), ("no..", None)])
+def test_parse_judge_reply_is_strict(text, verdict):
+    """Only a bare yes/no (any case, spaces, one final period) is a verdict."""
+    assert parse_judge_reply(text) == verdict
+
+
+def test_api_judge_verdicts_failures_and_counts(chat_server, tmp_path):
+    """Good verdicts come back in order; each failure kind is None and counted once per HTTP request."""
+    png = tmp_path / "img.png"
+    png.write_bytes(b"\x89PNG fake bytes")
+    judge = APIJudge(ChatClient(chat_server.url, "referee", timeout=0.3, retries=1, backoff=0.01, max_tokens=8),
+                     with_image=True)
+    reasoning = "line 1: Response 1 is vague.\nline 2: it misses the dog.\nline 3: fine.\nline 4: Response 2 is better."
+    items = [("What is shown?", reasoning, 2, str(png)), ("q", "#NO", 1, str(png)), ("q", "#WORDY", 1, str(png)),
+             ("q", "#HTML", 2, str(png)), ("q", "#EMPTY", 2, str(png)), ("q", "#500", 1, str(png)),
+             ("q", "#400", 1, str(png)), ("q", "fine", 1, str(tmp_path / "missing.png"))]
+    assert judge(items) == [1, 0, None, None, None, None, None, None]
+    st = judge.client.stats
+    assert (st["calls"], st["ok"], st["failed"]) == (8, 2, 6)
+    assert st["garbage"] == 3                     # WORDY, HTML, EMPTY: not retried
+    assert st["http_errors"] == 3                 # 500 twice (retried once), 400 once (not retried)
+    assert st["errors"] == 1                      # the unreadable image: no request at all
+    assert (st["requests"], st["retries"], st["timeouts"], st["conn_errors"]) == (8, 1, 0, 0)
+    first = next(b for b in chat_server.bodies if "What is shown?" in b["messages"][0]["content"][-1]["text"])
+    assert first["model"] == "referee" and first["temperature"] == 0.0 and first["max_tokens"] == 8
+    image, text = first["messages"][0]["content"]
+    assert image["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+    assert reasoning in text["text"] and "[Final answer]\nResponse 2 is better." in text["text"]
+
+
+def test_api_judge_without_image_sends_text_only(chat_server, tmp_path):
+    png = tmp_path / "img.png"
+    png.write_bytes(b"x")
+    assert judge_for(chat_server)([("q", "r", 1, str(png)), ("q", "r", 2)]) == [1, 1]
+    assert all(len(b["messages"][0]["content"]) == 1 for b in chat_server.bodies)
+
+
+def test_api_judge_slow_answer_times_out(chat_server):
+    """A 1 s answer against a 0.2 s timeout: 2 timeouts (1 retry), None, and the call gives up well before 1 s."""
+    judge = judge_for(chat_server, timeout=0.2)
+    t0 = time.time()
+    assert judge([("q", "#SLOW", 1), ("q", "ok", 2)]) == [None, 1]
+    assert time.time() - t0 < 0.9
+    st = judge.client.stats
+    assert (st["timeouts"], st["retries"], st["ok"], st["failed"], st["requests"]) == (2, 1, 1, 1, 3)
+
+
+def test_chat_client_has_64_requests_in_flight(chat_server):
+    """64 requests wait at a 64-party barrier on the server: they all succeed only if all 64 are in flight at once."""
+    judge = judge_for(chat_server, timeout=6.0, retries=0)
+    assert judge([("q", "#HOLD", 1)] * 64) == [1] * 64
+    assert chat_server.max_in_flight == 64 and judge.client.stats["ok"] == 64
+
+
+def test_step_completes_when_the_judge_goes_away(chat_server):
+    """The server dies in the middle of a step (at the 3rd of 4 calls, one at a time), then stays down for a
+    whole step. Both steps finish; failed verdicts give Consistency 0 and are counted."""
+    judge = judge_for(chat_server, concurrency=1)
+    texts = [ANS("fine", 1), ANS("fine", 2), ANS("#DIE", 1), ANS("fine", 2), ANS("wrong", 1)]
+    labels, questions = [1, 2, 1, 2, 2], ["q"] * 5
+    out = score_rollouts(texts, labels, questions, judge)
+    assert out["consistency"] == [1, 1, 0, 0, 0] and out["reward"] == [2.0, 2.0, 1.5, 1.5, 0.5]
+    assert (out["judge_asked"], out["judge_failed"]) == (4, 2)
+    st = judge.client.stats
+    assert (st["ok"], st["failed"], st["conn_errors"], st["requests"]) == (2, 2, 4, 6)
+    t0 = time.time()
+    out = score_rollouts(texts[:2], labels[:2], questions[:2], judge)      # the next step: the judge is down
+    assert time.time() - t0 < 2.0
+    assert out["consistency"] == [0, 0] and out["reward"] == [1.5, 1.5]
+    assert out["judge_asked"] == out["judge_failed"] == 2
+
+
+def test_score_rollouts_passes_images_and_rule_judge_ignores_them():
+    judge = SpyJudge([1])
+    out = score_rollouts([ANS("Response 2 is better", 2)], [2], ["q"], judge, images=["a.png"])
+    assert judge.calls == [[("q", "Response 2 is better", 2, "a.png")]] and out["judge_failed"] == 0
+    assert RuleJudge()([("q", "Response 2 is better", 2, "a.png")]) == [1]

@@ -29,32 +29,28 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("--out", default="runs/01_data", help="output folder")
 p.add_argument("--source", default="easy-vqa", choices=["easy-vqa", "jsonl", "hub"], help="where the pairs come from")
 p.add_argument("--pairs", default=None, help="--source jsonl: a pair file in the schema of stable_reinforce_core.load_items")
-p.add_argument("--hub", nargs="+", default=["mmrlhf", "rlaif-v", "vlfeedback", "povid", "wildvision"],
-               help="--source hub: sources to read (default: the R1-Reward-200K ones; r1-rl is the released RL set)")
-p.add_argument("--local", action="append", default=[], metavar="NAME=PATH",
-               help="read source NAME from a local copy: a .parquet/.json/.jsonl file, a folder of them, or a URL")
-p.add_argument("--image-root", action="append", default=[], metavar="NAME=DIR",
-               help="folder that source NAME's image paths are relative to (default: next to its data file)")
+p.add_argument("--hub", nargs="+", default=["mmrlhf", "rlaif-v", "vlfeedback", "povid", "wildvision"], help="--source hub: "
+               "sources to read (SOURCES below; default: the R1-Reward-200K ones; r1-rl is the released RL set)")
+p.add_argument("--local", action="append", default=[], metavar="NAME=PATH", help="source NAME from a local copy instead")
+p.add_argument("--image-root", action="append", default=[], metavar="NAME=DIR", help="where NAME's image paths start")
 p.add_argument("--max-per-source", type=int, default=0, help="read at most this many rows per source (0 = all)")
 p.add_argument("--download-timeout", type=float, default=60.0, help="seconds per download request of a --local URL")
 p.add_argument("--cache-dir", default=None, help="datasets cache folder (default: the datasets default)")
-p.add_argument("--teacher-url", default=None, help="OpenAI-compatible teacher endpoint (default: the template teacher)")
+p.add_argument("--teacher-url", default=None, help="--source hub: OpenAI-compatible teacher (default: the template teacher)")
 p.add_argument("--teacher-model", default=None, help="the teacher's name there (paper: GPT-4o)")
 p.add_argument("--teacher-attempts", type=int, default=3, help="tries until the teacher's choice matches the label (paper: 3)")
 p.add_argument("--teacher-temperature", type=float, default=0.0, help="paper: 0 (then attempts 2-3 rarely differ)")
-p.add_argument("--teacher-max-tokens", type=int, default=1024)
 p.add_argument("--teacher-timeout", type=float, default=120.0, help="seconds per teacher request")
-p.add_argument("--teacher-retries", type=int, default=2, help="retries per call (timeouts, connection errors, 5xx)")
-p.add_argument("--teacher-concurrency", type=int, default=64, help="teacher requests in flight")
+p.add_argument("--teacher-retries", type=int, default=2, help="retries per call (timeouts, connection errors, 5xx); 64 in flight")
 p.add_argument("--train-pairs", type=int, default=20000, help="training pairs to build (at most one per question)")
-p.add_argument("--test-pairs", type=int, default=1000, help="held-out test pairs (from easy-vqa's test split)")
+p.add_argument("--test-pairs", type=int, default=1000, help="held-out test pairs (easy-vqa: its test split; else <= 10%%)")
 p.add_argument("--image-size", type=int, default=112, help="easy-vqa's 64 px images are upscaled to this (28-px multiple)")
 p.add_argument("--seed", type=int, default=0)
 args = p.parse_args()
 if bool(args.teacher_url) != bool(args.teacher_model):
     p.error("--teacher-url and --teacher-model go together")
-if args.teacher_url and args.source == "easy-vqa":
-    p.error("the easy-vqa demo keeps the template teacher; use --teacher-url with --source hub or jsonl")
+if args.teacher_url and args.source != "hub":
+    p.error("--teacher-url is for --source hub; the easy-vqa and jsonl paths keep the template teacher")
 rng = random.Random(args.seed)
 out = Path(args.out)
 (out / "images").mkdir(parents=True, exist_ok=True)
@@ -141,8 +137,8 @@ def jsonl_source(path):
 
 
 # ------------------------------------------------------------------------------------------ real sources (PAPER.md s4)
-class Drop(Exception):
-    """A row that cannot become a pair; the message is the reason it is counted under."""
+class Drop(Exception):       # a row that cannot become a pair; the message is the reason it is counted under
+    pass
 
 
 TEMPLATE_RE = re.compile(re.escape(core.PROMPT_TEMPLATE).replace(r"\{question\}", "(.*)").replace(
@@ -235,45 +231,28 @@ SOURCES = {   # name: (hub id, files to read there or None for its default, row 
 
 
 def save_any_image(img, root, name):
-    """An image as the datasets give it (PIL image, {"bytes", "path"}, a path relative to root, or base64) ->
-    images/<name>.<ext> under --out. Raises Drop if there is none or it cannot be read."""
-    if isinstance(img, dict):
-        img = img.get("bytes") or img.get("path")
-    if isinstance(img, str) and (root / img).is_file():
-        rel = f"images/{name}{Path(img).suffix.lower() or '.png'}"
-        shutil.copyfile(root / img, out / rel)
-    elif isinstance(img, (str, bytes)) or hasattr(img, "save"):
-        try:
-            data = base64.b64decode(img, validate=True) if isinstance(img, str) else img
-            im = img if hasattr(img, "save") else Image.open(io.BytesIO(data))
-        except Exception:
-            raise Drop("image not found or unreadable") from None
-        rel = f"images/{name}.png"
-        im.convert("RGB").save(out / rel)
-    else:
-        raise Drop("no image")
+    """An image as a source gives it (a PIL image, {"bytes", "path"}, a path relative to root, or base64) ->
+    images/<name>.<ext> under --out. Raises Drop if it is missing or cannot be read."""
+    img = (img.get("bytes") or img.get("path")) if isinstance(img, dict) else img
     try:
-        Image.open(out / rel).size
+        if isinstance(img, str) and (root / img).is_file():
+            rel = f"images/{name}{Path(img).suffix.lower()}"
+            shutil.copyfile(root / img, out / rel)
+        else:
+            rel = f"images/{name}.png"
+            pil = img if hasattr(img, "save") else Image.open(io.BytesIO(
+                base64.b64decode(img, validate=True) if isinstance(img, str) else img))
+            pil.convert("RGB").save(out / rel)
+        Image.open(out / rel).size                                    # a header we can read, or Drop
+        return rel
     except Exception:
         raise Drop("image not found or unreadable") from None
-    return rel
-
-
-def hub_reachable():
-    """Fail at once, not after minutes of retries, when the hub cannot be reached (HF_*_OFFLINE: use the cache)."""
-    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
-        return True
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
-        return True
-    except OSError:
-        return False
 
 
 def load_source(name):
     """(rows, image root) of one source, through `datasets`: from --local NAME=PATH if given, else from the hub.
-    Image paths are relative to --image-root NAME=DIR, else to the local copy's folder, else to the current one."""
+    Image paths are relative to --image-root NAME=DIR, else to the local copy's folder, else to the current one.
+    A source that cannot be read stops the build, naming the source and how to point at a local copy."""
     import datasets
     hub_id, files, _ = SOURCES[name]
     local, kw = dict(a.split("=", 1) for a in args.local).get(name), dict(split="train", cache_dir=args.cache_dir)
@@ -282,15 +261,19 @@ def load_source(name):
     how = f"point at a local copy with --local {name}=PATH (a .parquet/.json/.jsonl file, a folder of them, or a URL)"
     try:
         if local:
-            if Path(local).is_dir():
-                local = sorted(str(f) for ext in ("parquet", "jsonl", "json") for f in Path(local).glob(f"*.{ext}"))
-            import aiohttp
+            local = sorted(str(f) for e in ("parquet", "jsonl", "json") for f in Path(local).glob(f"*.{e}")) \
+                if Path(local).is_dir() else [local]
+            import aiohttp                                        # a timeout for URLs (datasets has none by default)
             opts = {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=args.download_timeout)}}
-            fmt = "parquet" if str(local).rstrip("']").endswith(".parquet") else "json"
-            return datasets.load_dataset(fmt, data_files=local, storage_options=opts, download_config=
-                                         datasets.DownloadConfig(max_retries=1, storage_options=opts), **kw), Path(root)
-        if not hub_reachable():
-            raise SystemExit(f"source {name}: the hub ({hub_id}) cannot be reached from here; {how}")
+            return datasets.load_dataset("parquet" if local[0].endswith(".parquet") else "json", data_files=local,
+                                         storage_options=opts, download_config=datasets.DownloadConfig(
+                                             max_retries=1, storage_options=opts), **kw), Path(root)
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))   # fail at once, not after retries
+        if not (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")):   # offline: the cache
+            try:
+                socket.create_connection((host.hostname, host.port or (80 if host.scheme == "http" else 443)), 5).close()
+            except OSError:
+                raise SystemExit(f"source {name}: the hub ({hub_id}) cannot be reached from here; {how}") from None
         return datasets.load_dataset(hub_id, data_files=files, **kw), Path(root)
     except SystemExit:
         raise
@@ -336,8 +319,8 @@ def teacher_api(pairs):
     the attempt that succeeded, attempts + 1 if none did (such items keep no "think"). An item whose call fails
     (network, timeout, 5xx after retries) is dropped and counted: its difficulty is unknown."""
     client = core.ChatClient(args.teacher_url, args.teacher_model, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"),
-                             timeout=args.teacher_timeout, retries=args.teacher_retries, concurrency=args.teacher_concurrency,
-                             temperature=args.teacher_temperature, max_tokens=args.teacher_max_tokens)
+                             timeout=args.teacher_timeout, retries=args.teacher_retries, concurrency=64,
+                             temperature=args.teacher_temperature, max_tokens=2048)
     job = lambda q: lambda: core.user_turn(core.PROMPT_TEMPLATE.format(
         question=q["question"], answer1=q["response1"], answer2=q["response2"]), out / q["image"])
     parse = lambda text: (core.parse_choice(text), text.strip()[7:].split("</think>")[0].strip()
@@ -353,6 +336,7 @@ def teacher_api(pairs):
         print(f"teacher attempt {attempt}: {len(todo)} items still unsolved, {len(failed)} failed calls")
     for i in todo:
         pairs[i]["difficulty"] = args.teacher_attempts + 1
+        pairs[i].pop("think", None)
     return [q for i, q in enumerate(pairs) if i not in failed], len(failed), client.stats
 
 
@@ -373,13 +357,13 @@ else:
     rng.shuffle(pairs)
     n_test = min(args.test_pairs, len(pairs) // 10)
     train, test, train_vqa = pairs[n_test:], pairs[:n_test], []
-if args.source != "easy-vqa" and args.teacher_url:
-    train, n_failed, teacher_stats = teacher_api(train)
-    report["teacher"] = dict(teacher_stats, dropped_failed_calls=n_failed,
-                             difficulty=dict(Counter(r["difficulty"] for r in train)))
-elif args.source == "hub":
-    for r in train + test:
-        r["think"] = teacher({}, None, r["response1"], r["response2"], r["label"])
+    if args.teacher_url:
+        train, n_failed, teacher_stats = teacher_api(train)
+        report["teacher"] = dict(teacher_stats, dropped_failed_calls=n_failed,
+                                 difficulty=dict(Counter(r["difficulty"] for r in train)))
+    else:
+        for r in train + test:
+            r["think"] = teacher({}, None, r["response1"], r["response2"], r["label"])
 
 
 def write_jsonl(name, rows):

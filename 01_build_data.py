@@ -179,23 +179,22 @@ def from_rlaif_v(row):
     return dict(question=row["question"], chosen=row["chosen"], rejected=row["rejected"], image=row["image"])
 
 
+def mean_rating(completion):
+    """VLFeedback: the mean of a response's numeric aspect ratings, or None (some ratings are "N/A")."""
+    r = [float(a["Rating"]) for a in (completion.get("annotations") or {}).values()
+         if a and re.fullmatch(r"\d+(\.\d+)?", str(a["Rating"]))]
+    return sum(r) / len(r) if r else None
+
+
 def from_vlfeedback(row):
-    """MMInstruction/VLFeedback: prompt, img_path, completions (model, response, annotations: aspect -> Rating).
-    Chosen = the best mean rating over the aspects, rejected = the worst; ties and unrated answers are dropped."""
+    """MMInstruction/VLFeedback: prompt, img_path, completions (response, annotations: aspect -> Rating "1".."5").
+    Chosen = the best mean rating, rejected = the worst; ties and unrated answers are dropped."""
     comps = row["completions"]
     if isinstance(comps, dict):                                   # parquet: a struct of lists
         comps = [dict(zip(comps, vals)) for vals in zip(*comps.values())]
-    rated = []
-    for c in comps:
-        scores = [float(a["Rating"]) for a in (c.get("annotations") or {}).values()
-                  if a and str(a.get("Rating", "")).replace(".", "", 1).isdigit()]
-        if scores and c.get("response"):
-            rated.append((sum(scores) / len(scores), c["response"]))
-    if len(rated) < 2:
-        raise Drop("fewer than 2 rated responses")
-    rated.sort(key=lambda x: x[0])
-    if rated[0][0] == rated[-1][0]:
-        raise Drop("all ratings tie")
+    rated = sorted((m, c["response"]) for c in comps if c.get("response") and (m := mean_rating(c)) is not None)
+    if len(rated) < 2 or rated[0][0] == rated[-1][0]:
+        raise Drop("fewer than 2 rated responses" if len(rated) < 2 else "all ratings tie")
     return dict(question=row["prompt"], chosen=rated[-1][1], rejected=rated[0][1], image=row["img_path"])
 
 

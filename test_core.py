@@ -1,7 +1,8 @@
 """Tests for stable_reinforce_core.py (R1-Reward, arXiv 2505.02835). CPU only, a few seconds.
 
 Every expected number is computed by hand (with `math`) or by a naive Python loop, never by the
-function under test. Run: cd /work/main && python -m pytest -q test_core.py
+function under test. The two blocks at the end test the API judge and stage 1's real-data loaders against
+real HTTP servers on loopback (no network needed). Run: cd /work/main && python -m pytest -q test_core.py
 """
 import base64
 import io

@@ -15,7 +15,7 @@ There is no torch.distributed and no vLLM here, so `pytest test_core.py` runs on
 Where the official code (yfzhang114/r1_reward @ 3693413) differs from the paper, we follow the paper;
 each such place is marked "[fix Bn]" with the bug number of the README's table.
 """
-import json, math, re, threading, time
+import base64, json, math, mimetypes, re, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import torch
@@ -420,7 +420,6 @@ class ChatClient:
 
 def image_data_url(path):
     """An image file as a base64 data URL, the way chat-completions APIs take images inline."""
-    import base64, mimetypes
     mime = mimetypes.guess_type(str(path))[0] or "image/png"
     return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
 

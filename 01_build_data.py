@@ -298,8 +298,8 @@ def hub_pairs():
                 kept.append(pair)
             except Drop as e:
                 dropped[str(e)] += 1
-            except (KeyError, TypeError, ValueError, AttributeError, StopIteration, IndexError) as e:
-                dropped[f"malformed row ({type(e).__name__})"] += 1
+            except Exception as e:                            # e.g. a missing field, or an embedded image that
+                dropped[f"malformed row ({type(e).__name__})"] += 1   # datasets cannot decode: count it, go on
         labels = [1, 2] * (len(kept) // 2) + [1] * (len(kept) % 2)       # exact 1:1 balance of positions
         rng.shuffle(labels)
         for k, (pair, label) in enumerate(zip(kept, labels)):

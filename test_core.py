@@ -643,8 +643,9 @@ def write_sources(root):
            dict(prompt="same", chosen="x", rejected="x", image="long/0.png"),
            dict(prompt="gone", chosen="GOOD", rejected="BAD", image="short/missing.png")]
     jsonl(root / "mm" / "dpo_pairs.jsonl", mm)
-    datasets.Dataset.from_dict(dict(question=["r0", "r1", "r2"], chosen=["GOOD", "GOOD", ""], rejected=["BAD"] * 3,
-                                    image=[Image.new("RGB", (32, 32), "blue")] * 3)).cast_column(
+    datasets.Dataset.from_dict(dict(question=["r0", "r1", "r2", "r3"], chosen=["GOOD", "GOOD", "", "GOOD"],
+                                    rejected=["BAD"] * 4, image=[{"bytes": png_bytes("blue"), "path": None}] * 3 + [
+                                        {"bytes": b"not an image", "path": None}])).cast_column(
         "image", datasets.Image()).to_parquet(str(root / "rlaif.parquet"))
     (root / "vlf").mkdir()
     (root / "vlf" / "a.png").write_bytes(png_bytes())
@@ -683,13 +684,14 @@ def test_stage1_every_source_maps_to_the_pair_schema(tmp_path):
                       "wildvision", *flags)
     rep = meta["report"]
     assert {k: (v["rows"], v["kept"]) for k, v in rep.items()} == {
-        "r1-rl": (5, 2), "mmrlhf": (8, 5), "rlaif-v": (3, 2), "vlfeedback": (3, 1), "povid": (3, 1), "wildvision": (4, 2)}
+        "r1-rl": (5, 2), "mmrlhf": (8, 5), "rlaif-v": (4, 2), "vlfeedback": (3, 1), "povid": (3, 1), "wildvision": (4, 2)}
     assert rep["r1-rl"]["dropped"] == {"answer is not <answer>1|2</answer>": 1, "prompt is not the Table 1 template": 1,
                                        "image not found or unreadable": 1}
     assert rep["mmrlhf"]["dropped"] == {"video (R1-Reward has none)": 1, "identical responses": 1,
                                         "image not found or unreadable": 1}
     assert rep["mmrlhf"]["by_source"] == {"mmrlhf-long": 2, "mmrlhf-short": 1, "mmrlhf-mcq": 1, "mmrlhf-safety": 1}
-    assert rep["rlaif-v"]["dropped"] == {"empty or non-text question/response": 1}
+    assert rep["rlaif-v"]["dropped"] == {"empty or non-text question/response": 1,
+                                         "malformed row (UnidentifiedImageError)": 1}    # undecodable embedded image
     assert rep["vlfeedback"]["dropped"] == {"all ratings tie": 1, "fewer than 2 rated responses": 1}
     assert rep["povid"]["dropped"] == {"image not found or unreadable": 1, "malformed row (TypeError)": 1}
     assert rep["wildvision"]["dropped"] == {"no decisive winner": 1, "multi-turn battle": 1}

@@ -33,7 +33,7 @@ p.add_argument("--hub", nargs="+", default=["mmrlhf", "rlaif-v", "vlfeedback", "
                "sources to read (SOURCES below; default: the R1-Reward-200K ones; r1-rl is the released RL set)")
 p.add_argument("--local", action="append", default=[], metavar="NAME=PATH", help="source NAME from a local copy instead")
 p.add_argument("--image-root", action="append", default=[], metavar="NAME=DIR", help="where NAME's image paths start")
-p.add_argument("--max-per-source", type=int, default=0, help="read at most this many rows per source (0 = all)")
+p.add_argument("--max-per-source", type=int, default=0, help="a seeded random subset of this many rows per source (0 = all)")
 p.add_argument("--download-timeout", type=float, default=60.0, help="seconds per download request of a --local URL")
 p.add_argument("--cache-dir", default=None, help="datasets cache folder (default: the datasets default)")
 p.add_argument("--teacher-url", default=None, help="--source hub: OpenAI-compatible teacher (default: the template teacher)")
@@ -285,6 +285,7 @@ def hub_pairs():
     pairs, report = [], {}
     for name in args.hub:
         rows, root = load_source(name)
+        rows = rows.shuffle(seed=args.seed) if args.max_per_source else rows   # a seeded random subset, not the head
         n = len(rows) if not args.max_per_source else min(args.max_per_source, len(rows))
         kept, dropped = [], Counter()
         for k in range(n):

@@ -3,6 +3,7 @@ Stage 4: StableReinforce (R1-Reward section 4.1, Algorithm 1) on the hard items 
 
     python 04_stable_reinforce.py                                  # StableReinforce, tiny defaults
     python 04_stable_reinforce.py --no-pre-clip --no-adv-filter    # plain Reinforce++ (the ablation baseline)
+    python 04_stable_reinforce.py --judge-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-VL-7B-Instruct
 
 StableReinforce = Reinforce++ (one sample per prompt, no critic, A_t = return-to-go, global batch
 normalisation, PPO-clipped surrogate) plus three changes. Grep for the tags:
@@ -20,7 +21,7 @@ recompute old log-probs -> --rollout-batch / --train-batch optimizer steps of th
 
 Reads runs/03_hard/rl_pairs.jsonl and runs/02_sft/model; writes runs/04_rl/{model/, metrics.jsonl, meta.json}.
 """
-import argparse, contextlib, copy, json, random, time
+import argparse, contextlib, copy, json, os, random, time
 from pathlib import Path
 import torch
 import stable_reinforce_core as core
@@ -39,7 +40,13 @@ p.add_argument("--beta", type=float, default=0.0, help="KL coefficient in the re
 p.add_argument("--eps-clip", type=float, default=0.2, help="PPO clip epsilon")
 p.add_argument("--no-pre-clip", action="store_true", help="ablation: drop Pre-CLIP [SR-1]")
 p.add_argument("--no-adv-filter", action="store_true", help="ablation: drop the 3-sigma filter [SR-2]")
-p.add_argument("--judge", default="rule", choices=["rule"], help="consistency judge [SR-3]; 'rule' is offline")
+p.add_argument("--judge", default="rule", choices=["rule", "api"], help="consistency judge [SR-3]; 'rule' is offline")
+p.add_argument("--judge-url", default=None, help="OpenAI-compatible referee, e.g. http://host:8000/v1 (implies --judge api)")
+p.add_argument("--judge-model", default=None, help="the referee's name there (paper: Qwen2.5-VL-7B-Instruct)")
+p.add_argument("--judge-timeout", type=float, default=30.0, help="seconds per judge request")
+p.add_argument("--judge-retries", type=int, default=2, help="retries per verdict (timeouts, connection errors, 5xx)")
+p.add_argument("--judge-concurrency", type=int, default=64, help="judge requests in flight")
+p.add_argument("--judge-image", action="store_true", help="also show the referee the image")
 p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (the trainer divides logits by it)")
 p.add_argument("--max-new-tokens", type=int, default=96, help="paper: 1024")
 p.add_argument("--vllm", action="store_true", help="roll out with a colocated vLLM engine (GPU) instead of transformers")
@@ -49,6 +56,9 @@ p.add_argument("--vllm-eager", action="store_true", help="vLLM: no CUDA graphs /
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 args = p.parse_args()
+args.judge = "api" if args.judge_url else args.judge
+if args.judge == "api" and not (args.judge_url and args.judge_model):
+    p.error("--judge api needs --judge-url and --judge-model")
 assert args.rollout_batch % args.train_batch == 0 and args.train_batch % args.micro_batch == 0, "batch sizes must divide"
 random.seed(args.seed)
 torch.manual_seed(args.seed)
@@ -71,7 +81,9 @@ amp = torch.autocast("cuda", torch.bfloat16) if args.device.startswith("cuda") e
 banned = core.vision_token_ids(processor)
 ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None   # only for the KL term
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-judge = core.RuleJudge()
+judge = core.RuleJudge() if args.judge == "rule" else core.APIJudge(core.ChatClient(
+    args.judge_url, args.judge_model, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), timeout=args.judge_timeout,
+    retries=args.judge_retries, concurrency=args.judge_concurrency, max_tokens=8), with_image=args.judge_image)
 print(f"read {args.data} ({len(items)} items), {args.model}; pre_clip={not args.no_pre_clip} "
       f"adv_filter={not args.no_adv_filter} beta={args.beta}")
 
@@ -118,7 +130,10 @@ def rl_step(step):
     t_rollout = time.time() - t0
 
     # 2. rewards [SR-3]: format, result, and consistency from the judge (asked only where the answer is right)
-    sc = core.score_rollouts(texts, labels, [it["question"] for it in batch_items], judge)
+    t_judge = time.time()
+    sc = core.score_rollouts(texts, labels, [it["question"] for it in batch_items], judge,
+                             [it["image"] for it in batch_items])
+    t_judge = time.time() - t_judge
     rewards = torch.tensor(sc["reward"], dtype=torch.float32)
 
     # 3. old (and reference) log-probs, recomputed by the trainer WITH the image [fix B2]
@@ -177,10 +192,20 @@ def rl_step(step):
                 grad_norm=max(gnorms), skipped_steps=skipped,
                 response_len=mask.sum(-1).mean().item(), rollout_s=t_rollout, seconds=time.time() - t0,
                 rollout_tok_s=mask.sum().item() / t_gen, logp_delta_mean=delta.mean().item(),
-                logp_delta_max=delta.max().item(), **(engine.timings if engine else {}))
+                logp_delta_max=delta.max().item(), **(engine.timings if engine else {}),
+                judge_asked=sc["judge_asked"], judge_failed=sc["judge_failed"], judge_s=t_judge)
 
 
 # ------------------------------------------------------------------------------------------ main loop
+def judge_note(m):
+    """The API judge's part of the step line: verdicts back / asked, its seconds, and a warning if none came back."""
+    if args.judge == "rule":
+        return ""
+    down = m["judge_asked"] and m["judge_failed"] == m["judge_asked"]
+    return (f" | judge {m['judge_asked'] - m['judge_failed']}/{m['judge_asked']} {m['judge_s']:.1f}s"
+            + (" | JUDGE DOWN: no verdict this step, consistency 0" if down else ""))
+
+
 log = open(out / "metrics.jsonl", "w")
 t_start = time.time()
 for step in range(args.steps):
@@ -192,11 +217,11 @@ for step in range(args.steps):
           f"preclip {m['preclip_frac']:.4f} | clip {m['clip_frac']:.3f} | loss {m['policy_loss']:+.4f} | "
           f"kl {m['kl']:.4f} | len {m['response_len']:.1f} | {m['seconds']:.1f}s"
           + (f" | dlogp {m['logp_delta_mean']:.4f}/{m['logp_delta_max']:.3f} | sync {m['sync_s']:.2f}s "
-             f"wake {m['wake_s']:.2f}s sleep {m['sleep_s']:.2f}s" if engine else ""), flush=True)
+             f"wake {m['wake_s']:.2f}s sleep {m['sleep_s']:.2f}s" if engine else "") + judge_note(m), flush=True)
 
 model.save_pretrained(out / "model")
 processor.save_pretrained(out / "model")
 meta = dict(stage="04_stable_reinforce", args=vars(args), seconds=round(time.time() - t_start, 1),
-            rl_items=len(items), final=m)
+            rl_items=len(items), final=m, judge_stats=getattr(getattr(judge, "client", None), "stats", None))
 (out / "meta.json").write_text(json.dumps(meta, indent=2))
 print(f"wrote {out / 'model'}, {out / 'metrics.jsonl'}, {out / 'meta.json'} ({meta['seconds']} s)")

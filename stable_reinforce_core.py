@@ -12,12 +12,14 @@ Every stage script imports this file and nothing else from the project. It holds
   8. plumbing shared by the stages: pair files, batches, log-probs, sampling.
   9. benchmarks and metrics (section 5.1, Tables 3-5)            -> read_benchmark, predictions, metrics
  10. rollouts through a colocated vLLM engine (GPU)             -> VLLMEngine
+ 11. an OpenAI-compatible chat client: the API judge (4.3) and the teacher -> ChatClient, APIJudge
 vLLM is imported only inside VLLMEngine, so `pytest test_core.py` runs on any CPU.
 Where the official code (yfzhang114/r1_reward @ 3693413) differs from the paper, we follow the paper;
 each such place is marked "[fix Bn]" with the bug number of the README's table.
 """
-import json, math, re
+import base64, json, math, mimetypes, re, threading, time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import torch
 
@@ -83,31 +85,37 @@ _VERDICT_RE = re.compile(r"response\s*([12])\s+is\s+(?:the\s+)?better", re.IGNOR
 
 class RuleJudge:
     """Offline judge: the LAST "Response N is better" statement inside <think> must name the chosen N.
-    No such statement -> 0: a conclusion we cannot find cannot be consistent.
+    No such statement -> 0: a conclusion we cannot find cannot be consistent. Items are
+    (question, reasoning, choice) or (question, reasoning, choice, image path); the image is ignored here.
         RuleJudge()([("q", "... so Response 2 is better", 1)]) -> [0]"""
     def __call__(self, items):
         verdicts = []
-        for _question, think, choice in items:
+        for _question, think, choice, *_image in items:
             found = _VERDICT_RE.findall(think)
             verdicts.append(int(bool(found) and int(found[-1]) == choice))
         return verdicts
 
 
-def score_rollouts(texts, labels, questions, judge):
-    """Reward every rollout (section 4.3). texts: list[str] responses; labels: list[int] in {1, 2}.
+def score_rollouts(texts, labels, questions, judge, images=None):
+    """Reward every rollout (section 4.3). texts: list[str] responses; labels: list[int] in {1, 2};
+    images: optional list of image paths, passed on to the judge as a 4th item element.
     The judge is asked only where Result = 1, because Consistency counts only there [fix B3]; a judge
-    verdict of None (e.g. a failed call) counts as 0. Returns a dict of equal-length lists."""
+    verdict of None (e.g. a failed call), or a missing one, counts as 0. Returns a dict of equal-length
+    lists, plus judge_asked and judge_failed (how many verdicts were asked for, and how many came back None)."""
     fmt = [int(format_ok(t)) for t in texts]
     choice = [parse_choice(t) for t in texts]
     result = [int(c is not None and c == y) for c, y in zip(choice, labels)]
     ask = [i for i, r in enumerate(result) if r == 1]
     thinks = [t.split("</think>")[0].replace("<think>", "") for t in texts]
-    verdicts = judge([(questions[i], thinks[i], choice[i]) for i in ask]) if ask else []
+    items = [(questions[i], thinks[i], choice[i]) + ((images[i],) if images else ()) for i in ask]
+    verdicts = list(judge(items)) if ask else []
+    verdicts += [None] * (len(ask) - len(verdicts))                  # a short answer: the rest failed
     consistency = [0] * len(texts)
     for i, v in zip(ask, verdicts):
         consistency[i] = int(v or 0)
     rew = [reward(r, c, f) for r, c, f in zip(result, consistency, fmt)]
-    return dict(reward=rew, result=result, format=fmt, consistency=consistency, choice=choice)
+    return dict(reward=rew, result=result, format=fmt, consistency=consistency, choice=choice,
+                judge_asked=len(ask), judge_failed=sum(v is None for v in verdicts))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,3 +617,136 @@ class VLLMEngine:
                 logps.append([d[t].logprob for d, t in zip(c.logprobs, c.token_ids)] if c.logprobs else None)
                 prompt_ids.append(list(out.prompt_token_ids))
         return ids, texts, logps, prompt_ids
+
+
+# 11. An OpenAI-compatible chat endpoint (not paper math): the API consistency judge of section 4.3,
+#    and stage 1's teacher (section 4.2). Any server that speaks /v1/chat/completions works, e.g.
+#    `vllm serve Qwen/Qwen2.5-VL-7B-Instruct` (the paper's referee) or a hosted GPT-4o.
+class ChatClient:
+    """Many chat-completions calls at once, none of which can stop the caller.
+
+    map(jobs, parse) runs every job on a thread pool (`concurrency` requests in flight) and returns one
+    result per job, in order: parse(reply text), or None when the call failed. One call is up to
+    1 + `retries` HTTP requests, each with a `timeout` in seconds; a timeout, a refused or dropped
+    connection, a 5xx or a 429 is retried after `backoff` * 2**k seconds (k = 0, 1, ...). Anything else
+    fails at once: another 4xx, or a reply that is not a chat completion or that parse() rejects
+    ("garbage": at temperature 0 the same question gets the same answer, so asking again is wasted).
+    The official judge crashed training on any network error (PAPER.md s3, B3); this never raises.
+
+    stats counts, cumulatively: calls, ok, failed (ok + failed = calls), requests, retries, timeouts,
+    conn_errors, http_errors, garbage, errors (anything unexpected, e.g. an unreadable image), and
+    seconds (wall time inside map). The openai client's own retries are off (max_retries=0): ours are
+    the only ones, so the counts are exact."""
+
+    def __init__(self, url, model, api_key="EMPTY", timeout=30.0, retries=2, backoff=0.5, concurrency=64,
+                 temperature=0.0, max_tokens=1024):
+        import openai                                            # imported here: only these stages need it
+        self.openai, self.model, self.retries, self.backoff = openai, model, retries, backoff
+        self.sampling = dict(temperature=temperature, max_tokens=max_tokens)
+        self.client = openai.OpenAI(base_url=url, api_key=api_key, timeout=timeout, max_retries=0)
+        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="chat")
+        self.stats = dict.fromkeys(("calls", "ok", "failed", "requests", "retries", "timeouts", "conn_errors",
+                                    "http_errors", "garbage", "errors", "seconds"), 0)
+        self._lock = threading.Lock()
+
+    def _count(self, key, n=1):
+        with self._lock:
+            self.stats[key] += n
+
+    def _call(self, job, parse):
+        """job: a list of chat messages, or a function returning one (built in the worker thread)."""
+        self._count("calls")
+        try:
+            messages = job() if callable(job) else job
+        except Exception:                                        # e.g. an image that cannot be read
+            self._count("errors")
+            self._count("failed")
+            return None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self._count("retries")
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            self._count("requests")
+            try:
+                reply = self.client.chat.completions.create(model=self.model, messages=messages, **self.sampling)
+                text = reply.choices[0].message.content
+                out = parse(text) if isinstance(text, str) else None
+            except self.openai.APITimeoutError:                  # (a subclass of APIConnectionError)
+                self._count("timeouts")
+                continue
+            except self.openai.APIConnectionError:
+                self._count("conn_errors")
+                continue
+            except self.openai.APIStatusError as e:
+                self._count("http_errors")
+                if e.status_code >= 500 or e.status_code == 429:
+                    continue
+                break
+            except (AttributeError, TypeError, IndexError, KeyError, ValueError):   # not a chat completion
+                out = None
+            except Exception:
+                self._count("errors")
+                break
+            if out is None:
+                self._count("garbage")
+                break
+            self._count("ok")
+            return out
+        self._count("failed")
+        return None
+
+    def map(self, jobs, parse=lambda text: text):
+        t0 = time.time()
+        results = list(self.pool.map(lambda job: self._call(job, parse), jobs))
+        self._count("seconds", time.time() - t0)
+        return results
+
+
+def image_data_url(path):
+    """An image file as a base64 data URL, the way chat-completions APIs take images inline."""
+    mime = mimetypes.guess_type(str(path))[0] or "image/png"
+    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def user_turn(text, image=None):
+    """One OpenAI-style user message: [image (a data URL), text], the order of Table 1's prompt."""
+    content = ([{"type": "image_url", "image_url": {"url": image_data_url(image)}}] if image else [])
+    return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
+
+
+JUDGE_PROMPT = (
+    "You check one verdict written by another model. It compared two responses to a question about an image, "
+    "wrote its reasoning, and then gave a final answer.\n\n[Question]\n{question}\n\n[Reasoning]\n{reasoning}\n\n"
+    "[Final answer]\nResponse {choice} is better.\n\nDoes the final answer follow from the reasoning? Answer "
+    "\"yes\" only if the reasoning concludes that Response {choice} is the better one. Answer \"no\" if it favours "
+    "the other response, favours both equally, or reaches no clear conclusion. Judge only this agreement, not "
+    "whether the reasoning is right.\nReply with one word: yes or no.")
+_JUDGE_REPLY_RE = re.compile(r"\s*(yes|no)\s*\.?\s*", re.IGNORECASE)
+
+
+def parse_judge_reply(text):
+    """The referee's verdict, strictly: the whole reply must be "yes" or "no" (any case, surrounding spaces
+    and one final period allowed) -> 1 or 0. Anything else -> None, which scores as Consistency 0.
+        "Yes" -> 1;  " no. " -> 0;  "Yes, it follows." -> None;  "1" -> None"""
+    m = _JUDGE_REPLY_RE.fullmatch(text)
+    return None if m is None else int(m.group(1).lower() == "yes")
+
+
+class APIJudge:
+    """The paper's consistency judge (section 4.3): a referee MLLM behind an OpenAI-compatible endpoint.
+    Same calling convention as RuleJudge: items (question, reasoning, choice[, image path]) -> verdicts
+    1 / 0 / None. The referee sees the question, the WHOLE reasoning and the final answer (the official
+    code sent only the last 3 lines, and no question), and the image when with_image=True.
+    A failed call gives None, which score_rollouts counts as Consistency 0: the bonus is withheld, never
+    turned into a penalty [fix B3]. All calls of one step run concurrently. Give the client a small
+    max_tokens (04 uses 8): a one-word verdict needs no more, and a rambling referee is cut off as garbage."""
+
+    def __init__(self, client, with_image=False):
+        self.client, self.with_image = client, with_image
+
+    def __call__(self, items):
+        def job(item):
+            question, reasoning, choice, *image = item
+            text = JUDGE_PROMPT.format(question=question, reasoning=reasoning.strip(), choice=choice)
+            return lambda: user_turn(text, image[0] if self.with_image and image else None)
+        return self.client.map([job(it) for it in items], parse_judge_reply)

@@ -1,20 +1,30 @@
 """Tests for stable_reinforce_core.py (R1-Reward, arXiv 2505.02835). CPU only, a few seconds.
 
 Every expected number is computed by hand (with `math`) or by a naive Python loop, never by the
-function under test. Run: python -m pytest -q test_core.py
+function under test. The two blocks at the end test the API judge and stage 1's real-data loaders against
+real HTTP servers on loopback (no network needed). Run: python -m pytest -q test_core.py
 """
+import base64
+import io
 import json
 import math
+import runpy
 import string
+import sys
 import threading
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
 
-from stable_reinforce_core import (BadInput, PROMPT_TEMPLATE, RuleJudge, build_messages, format_ok, kl_k1,
-                                   load_items, majority_vote, parse_choice, reinforce_returns, reward,
-                                   score_rollouts, stable_policy_loss, standardize_and_filter)
+from stable_reinforce_core import (APIJudge, BadInput, ChatClient, PROMPT_TEMPLATE, RuleJudge, build_messages,
+                                   format_ok, kl_k1, load_items, majority_vote, parse_choice, parse_judge_reply,
+                                   reinforce_returns, reward, score_rollouts, stable_policy_loss,
+                                   standardize_and_filter)
 
 LOG_HI = math.log(1e3)                                    # 6.9078: the paper's delta_max in log space
 ANS = lambda think, a: f"<think>{think}</think><answer>{a}</answer>"
@@ -811,3 +821,396 @@ def test_vllm_e_rl_steps_one_gpu(vllm_rig):
     rows = [json.loads(l) for l in (d / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["policy_loss"]) and r["logp_delta_mean"] <= 0.01 for r in rows)
+
+
+# ================================================================ API consistency judge (issue 6)
+# A real HTTP server on loopback speaks the minimal chat-completions protocol. A marker in the request's
+# text picks the reply, so one batch can mix good verdicts with every kind of failure.
+def completion(text):
+    return json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}).encode()
+
+
+class ChatServer:
+    """#NO -> "No."; #WORDY -> "Yes, it follows." (not a strict verdict); #SLOW -> "yes" after 1 s; #500 -> HTTP 500;
+    #400 -> HTTP 400; #HTML -> a 200 HTML page; #EMPTY -> JSON without choices; #HOLD -> waits at a barrier
+    of `hold` requests (HTTP 500 if they never all arrive); #DIE -> the server shuts down and drops the
+    connection; anything else -> "yes". Records every request body and the most requests ever in flight."""
+
+    def __init__(self, hold=64):
+        self.lock, self.bodies, self.in_flight, self.max_in_flight = threading.Lock(), [], 0, 0
+        self.barrier = threading.Barrier(hold, timeout=5)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.bodies.append(body)
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    reply = server.reply(body["messages"][0]["content"][-1]["text"])
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+                if reply is None:                                 # dropped: no response at all
+                    return
+                status, ctype, data = reply
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:                                   # the client already gave up (timeout)
+                    pass
+
+        cls = type("Server", (ThreadingHTTPServer,), dict(request_queue_size=256, daemon_threads=True,
+                                                          block_on_close=False))
+        self.httpd = cls(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs=dict(poll_interval=0.02), daemon=True).start()
+
+    def reply(self, text):
+        ok = lambda t: (200, "application/json", completion(t))
+        if "#DIE" in text:
+            self.stop()
+            return None
+        if "#HOLD" in text:
+            try:
+                self.barrier.wait()
+            except threading.BrokenBarrierError:
+                return 500, "text/plain", b"not all requests arrived together"
+        if "#SLOW" in text:
+            time.sleep(1.0)
+        for marker, r in (("#500", (500, "text/plain", b"oops")), ("#400", (400, "application/json", b"{}")),
+                          ("#HTML", (200, "text/html", b"<html>busy</html>")),
+                          ("#EMPTY", (200, "application/json", b'{"id": "c"}')),
+                          ("#NO", ok("No.")), ("#WORDY", ok("Yes, it follows."))):
+            if marker in text:
+                return r
+        return ok("yes")
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def chat_server():
+    server = ChatServer()
+    yield server
+    server.stop()
+
+
+def judge_for(server, **kw):
+    kw = dict(dict(timeout=0.3, retries=1, backoff=0.01, concurrency=64, max_tokens=8), **kw)
+    return APIJudge(ChatClient(server.url, "referee", **kw), with_image=kw.pop("with_image", False))
+
+
+@pytest.mark.parametrize("text,verdict", [
+    ("yes", 1), ("No", 0), (" YES. \n", 1), ("no.", 0), ("Yes, it follows.", None), ("1", None),
+    ("<verdict>1</verdict>", None), ("yes yes", None), ("", None), ("no..", None)])
+def test_parse_judge_reply_is_strict(text, verdict):
+    """Only a bare yes/no (any case, spaces, one final period) is a verdict."""
+    assert parse_judge_reply(text) == verdict
+
+
+def test_api_judge_verdicts_failures_and_counts(chat_server, tmp_path):
+    """Good verdicts come back in order; each failure kind is None and counted once per HTTP request."""
+    png = tmp_path / "img.png"
+    png.write_bytes(b"\x89PNG fake bytes")
+    judge = APIJudge(ChatClient(chat_server.url, "referee", timeout=0.3, retries=1, backoff=0.01, max_tokens=8),
+                     with_image=True)
+    reasoning = "line 1: Response 1 is vague.\nline 2: it misses the dog.\nline 3: fine.\nline 4: Response 2 is better."
+    items = [("What is shown?", reasoning, 2, str(png)), ("q", "#NO", 1, str(png)), ("q", "#WORDY", 1, str(png)),
+             ("q", "#HTML", 2, str(png)), ("q", "#EMPTY", 2, str(png)), ("q", "#500", 1, str(png)),
+             ("q", "#400", 1, str(png)), ("q", "fine", 1, str(tmp_path / "missing.png"))]
+    assert judge(items) == [1, 0, None, None, None, None, None, None]
+    st = judge.client.stats
+    assert (st["calls"], st["ok"], st["failed"]) == (8, 2, 6)
+    assert st["garbage"] == 3                     # WORDY, HTML, EMPTY: not retried
+    assert st["http_errors"] == 3                 # 500 twice (retried once), 400 once (not retried)
+    assert st["errors"] == 1                      # the unreadable image: no request at all
+    assert (st["requests"], st["retries"], st["timeouts"], st["conn_errors"]) == (8, 1, 0, 0)
+    first = next(b for b in chat_server.bodies if "What is shown?" in b["messages"][0]["content"][-1]["text"])
+    assert first["model"] == "referee" and first["temperature"] == 0.0 and first["max_tokens"] == 8
+    image, text = first["messages"][0]["content"]
+    assert image["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+    assert reasoning in text["text"] and "[Final answer]\nResponse 2 is better." in text["text"]
+
+
+def test_api_judge_without_image_sends_text_only(chat_server, tmp_path):
+    png = tmp_path / "img.png"
+    png.write_bytes(b"x")
+    assert judge_for(chat_server)([("q", "r", 1, str(png)), ("q", "r", 2)]) == [1, 1]
+    assert all(len(b["messages"][0]["content"]) == 1 for b in chat_server.bodies)
+
+
+def test_api_judge_slow_answer_times_out(chat_server):
+    """A 1 s answer against a 0.2 s timeout: 2 timeouts (1 retry), None, and the call gives up well before 1 s."""
+    judge = judge_for(chat_server, timeout=0.2)
+    t0 = time.time()
+    assert judge([("q", "#SLOW", 1), ("q", "ok", 2)]) == [None, 1]
+    assert time.time() - t0 < 0.9
+    st = judge.client.stats
+    assert (st["timeouts"], st["retries"], st["ok"], st["failed"], st["requests"]) == (2, 1, 1, 1, 3)
+
+
+def test_chat_client_has_64_requests_in_flight(chat_server):
+    """64 requests wait at a 64-party barrier on the server: they all succeed only if all 64 are in flight at once."""
+    judge = judge_for(chat_server, timeout=6.0, retries=0)
+    assert judge([("q", "#HOLD", 1)] * 64) == [1] * 64
+    assert chat_server.max_in_flight == 64 and judge.client.stats["ok"] == 64
+
+
+def test_step_completes_when_the_judge_goes_away(chat_server):
+    """The server dies in the middle of a step (at the 3rd of 4 calls, one at a time), then stays down for a
+    whole step. Both steps finish; failed verdicts give Consistency 0 and are counted."""
+    judge = judge_for(chat_server, concurrency=1)
+    texts = [ANS("fine", 1), ANS("fine", 2), ANS("#DIE", 1), ANS("fine", 2), ANS("wrong", 1)]
+    labels, questions = [1, 2, 1, 2, 2], ["q"] * 5
+    out = score_rollouts(texts, labels, questions, judge)
+    assert out["consistency"] == [1, 1, 0, 0, 0] and out["reward"] == [2.0, 2.0, 1.5, 1.5, 0.5]
+    assert (out["judge_asked"], out["judge_failed"]) == (4, 2)
+    st = judge.client.stats
+    assert (st["ok"], st["failed"], st["conn_errors"], st["requests"]) == (2, 2, 4, 6)
+    t0 = time.time()
+    out = score_rollouts(texts[:2], labels[:2], questions[:2], judge)      # the next step: the judge is down
+    assert time.time() - t0 < 2.0
+    assert out["consistency"] == [0, 0] and out["reward"] == [1.5, 1.5]
+    assert out["judge_asked"] == out["judge_failed"] == 2
+
+
+def test_score_rollouts_passes_images_and_rule_judge_ignores_them():
+    judge = SpyJudge([1])
+    out = score_rollouts([ANS("Response 2 is better", 2)], [2], ["q"], judge, images=["a.png"])
+    assert judge.calls == [[("q", "Response 2 is better", 2, "a.png")]] and out["judge_failed"] == 0
+    assert RuleJudge()([("q", "Response 2 is better", 2, "a.png")]) == [1]
+
+
+# ================================================================ 01_build_data.py: real sources, API teacher (issue 5)
+# 01 runs in this process (runpy), so torch and datasets are imported once. Each source gets a small local
+# copy in its hub layout, with the known problem rows; remote copies and the teacher are loopback servers.
+def png_bytes(color="red"):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def run_stage1(tmp_path, *argv):
+    """python 01_build_data.py --out tmp/out --cache-dir tmp/cache ARGV..., in-process; returns meta.json."""
+    old, sys.argv = sys.argv, ["01_build_data.py", "--out", str(tmp_path / "out"), "--cache-dir",
+                               str(tmp_path / "cache"), "--test-pairs", "0", *argv]
+    try:
+        runpy.run_path(str(Path(__file__).parent / "01_build_data.py"))
+    finally:
+        sys.argv = old
+    return json.loads((tmp_path / "out" / "meta.json").read_text())
+
+
+def write_sources(root):
+    """Local copies of the six sources (hub layout, PAPER.md s4). The better response always says GOOD."""
+    import datasets
+    from PIL import Image
+    jsonl = lambda path, rows: path.write_text("".join(json.dumps(r) + "\n" for r in rows)) or path
+    b64 = base64.b64encode(png_bytes()).decode()
+    chat = lambda q, a, b: json.dumps([{"role": "user", "content": [
+        {"type": "text", "text": PROMPT_TEMPLATE.format(question=q, answer1=a, answer2=b)},
+        {"type": "image", "image": "/authors/disk/x.jpg"}]}])
+    rl = [dict(question="q0", message=chat("q0", "GOOD a", "BAD b"), answer=["<answer>1</answer>"], image=b64),
+          dict(question="q1", message=chat("q1", "BAD a\n\nline 2", "GOOD b"), answer=["<answer>2</answer>"], image=b64),
+          dict(question="q2", message=chat("q2", "a", "b"), answer=["<answer>3</answer>"], image=b64),
+          dict(question="q3", message=json.dumps([{"role": "user", "content": [{"type": "text", "text": "hi"}]}]),
+               answer=["<answer>1</answer>"], image=b64),
+          dict(question="q4", message=chat("q4", "GOOD", "BAD"), answer=["<answer>1</answer>"], image="not base64!")]
+    datasets.Dataset.from_list(rl).to_parquet(str(root / "rl.parquet"))
+    for sub in ("long", "short", "mcq", "safety"):
+        (root / "mm" / sub).mkdir(parents=True)
+        (root / "mm" / sub / "0.png").write_bytes(png_bytes())
+    mm = [dict(prompt=f"mm {s}", chosen="GOOD", rejected="BAD", image=f"{s}/0.png") for s in ("long", "short", "mcq", "safety", "long")]
+    mm += [dict(prompt="v", chosen="GOOD", rejected="BAD", video="video/abc"),
+           dict(prompt="same", chosen="x", rejected="x", image="long/0.png"),
+           dict(prompt="gone", chosen="GOOD", rejected="BAD", image="short/missing.png")]
+    jsonl(root / "mm" / "dpo_pairs.jsonl", mm)
+    datasets.Dataset.from_dict(dict(question=["r0", "r1", "r2", "r3"], chosen=["GOOD", "GOOD", "", "GOOD"],
+                                    rejected=["BAD"] * 4, image=[{"bytes": png_bytes("blue"), "path": None}] * 3 + [
+                                        {"bytes": b"not an image", "path": None}])).cast_column(
+        "image", datasets.Image()).to_parquet(str(root / "rlaif.parquet"))
+    (root / "vlf").mkdir()
+    (root / "vlf" / "a.png").write_bytes(png_bytes())
+    comp = lambda resp, *r: dict(model="m", response=resp, annotations={k: {"Rating": v, "Rationale": ""} for k, v in zip(
+        ("Helpfulness", "Ethical Considerations", "Visual Faithfulness"), r)})
+    jsonl(root / "vlf" / "vlfeedback_80k.jsonl", [
+        dict(id="v0", prompt="vf0", img_path="a.png", completions=[comp("BAD", "1", "5", "1"), comp("GOOD", "5", "5", "4"),
+                                                                   comp("mid", "3", "3", "3")]),          # 2.33 / 4.67 / 3
+        dict(id="v1", prompt="tie", img_path="a.png", completions=[comp("x", "3", "3", "3"), comp("y", "3", "3", "3")]),
+        dict(id="v2", prompt="na", img_path="a.png", completions=[comp("x", "N/A", "N/A", "N/A"), comp("y", "4", "4", "4")])])
+    (root / "coco").mkdir()
+    (root / "coco" / "COCO_train2014_1.jpg").write_bytes(png_bytes())
+    human = lambda q: [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": "x"}]
+    (root / "povid.json").write_text(json.dumps([
+        dict(id="p0", image="COCO_train2014_1.jpg", conversations=human("What is here?"), chosen="GOOD", rejected="BAD"),
+        dict(id="p1", image="COCO_train2014_9.jpg", conversations=human("q"), chosen="GOOD", rejected="BAD"),
+        dict(id="p2", image="COCO_train2014_1.jpg", chosen="GOOD", rejected="BAD")]))          # no question at all
+    conv = lambda q, a, turns=1: [{"role": "user", "content": q}, {"role": "assistant", "content": a}] * turns
+    datasets.Dataset.from_dict(dict(
+        conversation_a=[conv("w0", "BAD"), conv("w1", "GOOD"), conv("w2", "a"), conv("w3", "a", 2)],
+        conversation_b=[conv("w0", "GOOD"), conv("w1", "BAD"), conv("w2", "b"), conv("w3", "b", 2)],
+        winner=["model_b", "model_a", "tie (bothbad)", "model_a"], turn=[1, 1, 1, 2],
+        image=[Image.new("RGB", (32, 32), "green")] * 4)).cast_column("image", datasets.Image()).to_parquet(str(root / "wv.parquet"))
+    return ["--local", f"r1-rl={root / 'rl.parquet'}", "--local", f"mmrlhf={root / 'mm' / 'dpo_pairs.jsonl'}",
+            "--local", f"rlaif-v={root / 'rlaif.parquet'}", "--local", f"vlfeedback={root / 'vlf' / 'vlfeedback_80k.jsonl'}",
+            "--local", f"povid={root / 'povid.json'}", "--image-root", f"povid={root / 'coco'}",
+            "--local", f"wildvision={root / 'wv.parquet'}"]
+
+
+def test_stage1_every_source_maps_to_the_pair_schema(tmp_path):
+    """Counts per source and drops by reason as built above; the output passes load_items; the GOOD response sits
+    at the labelled position; positions are balanced 1:1 within every source (to one for an odd count)."""
+    (tmp_path / "src").mkdir()
+    flags = write_sources(tmp_path / "src")
+    meta = run_stage1(tmp_path, "--source", "hub", "--hub", "r1-rl", "mmrlhf", "rlaif-v", "vlfeedback", "povid",
+                      "wildvision", *flags)
+    rep = meta["report"]
+    assert {k: (v["rows"], v["kept"]) for k, v in rep.items()} == {
+        "r1-rl": (5, 2), "mmrlhf": (8, 5), "rlaif-v": (4, 2), "vlfeedback": (3, 1), "povid": (3, 1), "wildvision": (4, 2)}
+    assert rep["r1-rl"]["dropped"] == {"answer is not <answer>1|2</answer>": 1, "prompt is not the Table 1 template": 1,
+                                       "image not found or unreadable": 1}
+    assert rep["mmrlhf"]["dropped"] == {"video (R1-Reward has none)": 1, "identical responses": 1,
+                                        "image not found or unreadable": 1}
+    assert rep["mmrlhf"]["by_source"] == {"mmrlhf-long": 2, "mmrlhf-short": 1, "mmrlhf-mcq": 1, "mmrlhf-safety": 1}
+    assert rep["rlaif-v"]["dropped"] == {"empty or non-text question/response": 1,
+                                         "malformed row (UnidentifiedImageError)": 1}    # undecodable embedded image
+    assert rep["vlfeedback"]["dropped"] == {"all ratings tie": 1, "fewer than 2 rated responses": 1}
+    assert rep["povid"]["dropped"] == {"image not found or unreadable": 1, "malformed row (TypeError)": 1}
+    assert rep["wildvision"]["dropped"] == {"no decisive winner": 1, "multi-turn battle": 1}
+    items = load_items(tmp_path / "out" / "train_pairs.jsonl")
+    assert len(items) == 13 == meta["counts"]["train_pairs"]
+    for it in items:
+        assert it[f"response{it['label']}"].startswith("GOOD") and not it[f"response{3 - it['label']}"].startswith("GOOD")
+        assert it["think"].endswith(f"Response {it['label']} is better.")
+    by_source = {}
+    for it in items:
+        by_source.setdefault(it["source"].split("-")[0], []).append(it["label"])
+    assert all(abs(v.count(1) - v.count(2)) <= len(v) % 2 for v in by_source.values())
+    q1 = next(it for it in items if it["question"] == "q1")                  # multi-line responses survive the template
+    assert {q1["response1"], q1["response2"]} == {"GOOD b", "BAD a\n\nline 2"}
+    assert {it["question"] for it in items if it["source"] == "povid"} == {"What is here?"}
+
+
+class FileServer:
+    """A loopback file host for a hub-like source: path -> (status, body, delay in seconds)."""
+
+    def __init__(self, routes):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                status, body, delay = routes.get(self.path.split("?")[0], (404, b"", 0))
+                time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    if self.command == "GET":
+                        self.wfile.write(body)
+                except OSError:
+                    pass
+            do_HEAD = do_GET
+
+        cls = type("Server", (ThreadingHTTPServer,), dict(daemon_threads=True, block_on_close=False))
+        self.httpd = cls(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs=dict(poll_interval=0.02), daemon=True).start()
+
+
+@pytest.mark.parametrize("path,error", [("/ok.jsonl", None), ("/slow.jsonl", "Timeout"), ("/e500.jsonl", "Unable to find"),
+                                        ("/garbage.jsonl", "DatasetGenerationError")])
+def test_stage1_hub_like_source_over_http(tmp_path, path, error):
+    """The MM-RLHF pair file served over HTTP: read it, or stop at once with a message naming the source and --local."""
+    (tmp_path / "src").mkdir()
+    write_sources(tmp_path / "src")
+    rows = (tmp_path / "src" / "mm" / "dpo_pairs.jsonl").read_bytes()
+    server = FileServer({"/ok.jsonl": (200, rows, 0), "/slow.jsonl": (200, rows, 2.0), "/e500.jsonl": (500, b"oops", 0),
+                         "/garbage.jsonl": (200, b"<html>maintenance</html>", 0)})
+    flags = ["--source", "hub", "--hub", "mmrlhf", "--local", f"mmrlhf={server.url}{path}",
+             "--image-root", f"mmrlhf={tmp_path / 'src' / 'mm'}", "--download-timeout", "0.3"]
+    t0 = time.time()
+    try:
+        if error is None:
+            assert run_stage1(tmp_path, *flags)["report"]["mmrlhf"]["kept"] == 5
+        else:
+            with pytest.raises(SystemExit) as e:
+                run_stage1(tmp_path, *flags)
+            assert "source mmrlhf: could not load" in str(e.value) and error in str(e.value)
+            assert "--local mmrlhf=PATH" in str(e.value) and time.time() - t0 < 5
+    finally:
+        server.httpd.shutdown()
+
+
+def test_stage1_unreachable_hub_fails_at_once(tmp_path, monkeypatch):
+    """No network: a hub source stops before any retry loop, naming the source, its hub id and --local."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        run_stage1(tmp_path, "--source", "hub", "--hub", "rlaif-v")
+    assert "source rlaif-v: the hub (openbmb/RLAIF-V-Dataset) cannot be reached" in str(e.value)
+    assert "--local rlaif-v=PATH" in str(e.value) and time.time() - t0 < 2
+
+
+class TeacherServer(ChatServer):
+    """A teacher that answers the Table 1 prompt: #OK right at once, #SECOND right from the 2nd try, #NEVER always
+    wrong, #GARBAGE no tags, #SLOW too slow, #500 an HTTP 500. "Right" = the response that says GOOD."""
+
+    def __init__(self):
+        self.seen = Counter()
+        super().__init__()
+
+    def reply(self, text):
+        q = text.split("###### [Question]:\n")[1].split("  \n")[0]
+        right = 1 if "[Response 1]:\nGOOD" in text else 2
+        with self.lock:
+            self.seen[q] += 1
+        if "#SLOW" in q:
+            time.sleep(1.5)
+        if "#500" in q:
+            return 500, "text/plain", b"oops"
+        if "#GARBAGE" in q:
+            return 200, "application/json", completion("I would pick the first one.")
+        pick = right if "#OK" in q or ("#SECOND" in q and self.seen[q] >= 2) else 3 - right
+        return 200, "application/json", completion(f"<think>Response {pick} says GOOD.</think><answer>{pick}</answer>")
+
+
+def test_stage1_api_teacher_attempts_difficulty_and_failures(tmp_path):
+    """Difficulty = the attempt whose choice matched the label (attempts + 1 = never); failed calls are dropped
+    and counted; every request carries the image."""
+    (tmp_path / "mm" / "long").mkdir(parents=True)
+    (tmp_path / "mm" / "long" / "0.png").write_bytes(png_bytes())
+    marks = ["#OK", "#SECOND", "#NEVER", "#GARBAGE", "#SLOW", "#500"]
+    (tmp_path / "mm" / "dpo_pairs.jsonl").write_text("".join(json.dumps(dict(
+        prompt=m, chosen="GOOD", rejected="BAD", image="long/0.png")) + "\n" for m in marks))
+    server = TeacherServer()
+    try:
+        meta = run_stage1(tmp_path, "--source", "hub", "--hub", "mmrlhf", "--local",
+                          f"mmrlhf={tmp_path / 'mm' / 'dpo_pairs.jsonl'}", "--teacher-url", server.url,
+                          "--teacher-model", "teacher", "--teacher-timeout", "0.3", "--teacher-retries", "0")
+    finally:
+        server.stop()
+    items = {it["question"]: it for it in load_items(tmp_path / "out" / "train_pairs.jsonl")}
+    assert {q: it["difficulty"] for q, it in items.items()} == {"#OK": 1, "#SECOND": 2, "#NEVER": 4, "#GARBAGE": 4}
+    assert items["#OK"]["think"] == f"Response {items['#OK']['label']} says GOOD." and "think" not in items["#NEVER"]
+    t = meta["report"]["teacher"]
+    assert t["dropped_failed_calls"] == 2 and t["difficulty"] == {"1": 1, "2": 1, "4": 2}
+    assert (t["calls"], t["ok"], t["timeouts"], t["http_errors"]) == (6 + 3 + 2, 9, 1, 1)
+    assert server.seen == Counter({"#OK": 1, "#SECOND": 2, "#NEVER": 3, "#GARBAGE": 3, "#SLOW": 1, "#500": 1})
+    assert all(b["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+               for b in server.bodies)

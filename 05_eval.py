@@ -42,6 +42,8 @@ p.add_argument("--batch-size", type=int, default=64)
 p.add_argument("--strict", action="store_true", help="a bad row is an error naming file:line, not a counted skip")
 p.add_argument("--fresh", action="store_true", help="delete saved generations instead of resuming from them")
 p.add_argument("--rescore", nargs="+", default=None, metavar="GENERATIONS", help="score saved generations only")
+p.add_argument("--vllm", action="store_true", help="generate with one vLLM engine (GPU); later --models are synced into it")
+p.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="vLLM: share of the GPU it may use")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default=None, help="default: cuda if available")
 args = p.parse_args()
@@ -115,8 +117,14 @@ def judge_all(model, processor, jobs, temperature):
                 s = math.sqrt(args.max_pixels / (image.width * image.height))
                 image = image.resize((max(28, int(image.width * s)), max(28, int(image.height * s))))
             msgs.append(core.build_messages(it["question"], a1, a2, image))
-        texts += core.sample(model, processor, msgs, args.max_new_tokens, temperature, args.device)[1]
+        if args.vllm:
+            texts += model.sample(msgs, args.max_new_tokens, temperature)[1]
+        else:
+            texts += core.sample(model, processor, msgs, args.max_new_tokens, temperature, args.device)[1]
     return texts
+
+
+engine = None
 
 
 def evaluate(path, gen_file):
@@ -131,8 +139,18 @@ def evaluate(path, gen_file):
     if gen_file.exists() and meta.exists() and json.loads(meta.read_text()) != sig:
         raise SystemExit(f"{gen_file} holds generations made with other settings (see {meta}); pass --fresh")
     meta.write_text(json.dumps(sig))
-    model, processor = core.load_policy(path, device=args.device)
-    model.eval()
+    if args.vllm:                  # one engine for all --models (same architecture): later ones are synced in
+        global engine
+        from transformers import AutoProcessor
+        if engine is None:
+            engine = core.VLLMEngine(path, AutoProcessor.from_pretrained(path), args.gpu_memory_utilization, seed=args.seed)
+        else:
+            engine.sleep()
+            engine.sync(core.load_policy(path)[0].named_parameters())
+        model, processor = engine, None
+    else:
+        model, processor = core.load_policy(path, device=args.device)
+        model.eval()
     rows = []
     for mode, k, its, temp in (("greedy", 1, items, 0.0), ("vote", args.vote_k, items[:vote_items or None], 1.0)):
         jobs = core.make_jobs(its, orders, mode, k) if k else []
@@ -174,7 +192,11 @@ else:
             gen_file.unlink(missing_ok=True)
             gen_file.with_suffix(".meta.json").unlink(missing_ok=True)
         t = time.time()
+        too_long = engine.too_long if engine else 0
         results[name] = score(evaluate(path, gen_file)) | dict(file=str(gen_file), seconds=round(time.time() - t, 1))
+        if engine:                  # prompts that could not fit vLLM's max_model_len: empty output, a parse failure
+            results[name]["too_long"] = engine.too_long - too_long
+            print(f"{name}: {results[name]['too_long']} generations not sent to vLLM (prompt too long)")
         g = results[name]["greedy"]
         print(f"{name}: " + " | ".join(f"{k} {v:.3f}" for k, v in g.items() if isinstance(v, float)))
 

@@ -543,7 +543,7 @@ class VLLMEngine:
     (distributed_executor_backend="external_launcher", which reuses torchrun's process group).
     Vision tokens get logit bias -100, mirroring the -inf mask of `sample` and `response_logprobs`."""
 
-    def __init__(self, path, processor, gpu_memory_utilization=0.3, max_model_len=4096, seed=0, eager=False, **llm_kwargs):
+    def __init__(self, path, processor, gpu_memory_utilization=0.3, max_model_len=None, seed=0, eager=False, **llm_kwargs):
         import os, time
         import torch.distributed as dist
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")   # else a ~2 min JIT build at first start
@@ -557,14 +557,15 @@ class VLLMEngine:
                   distributed_executor_backend="external_launcher" if launched else None,
                   enable_sleep_mode=True, logprobs_mode="processed_logprobs", enable_prefix_caching=False,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                       max_num_batched_tokens=max(4096, max_model_len), limit_mm_per_prompt={"image": 1},
+                       max_num_batched_tokens=max(4096, max_model_len or 0), limit_mm_per_prompt={"image": 1},
                        mm_processor_kwargs=dict(size=dict(shortest_edge=size["shortest_edge"],
                                                           longest_edge=size["longest_edge"])),
                        enforce_eager=eager)
         self.llm = LLM(**{**kw, **llm_kwargs})
         self.processor, self.bias = processor, {t: -100.0 for t in vision_token_ids(processor)}
         self.timings = dict(start_s=time.time() - t0)
-        self._expected = None
+        self.max_len, self.too_long, self._expected = self.llm.llm_engine.model_config.max_model_len, 0, None
+        self.max_image_tokens = size["longest_edge"] // (28 * 28)             # 14-px patches, merged 2 x 2
 
     def _model(self):
         return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
@@ -601,21 +602,31 @@ class VLLMEngine:
         """Like `sample` above, for a list of chat turns (one image each). Returns (token-id lists, texts,
         per-token sampled log-probs or None at temperature 0, prompt token-id lists as vLLM expanded them);
         with n > 1 the n samples of a prompt are adjacent. Log-probs are 'processed': after temperature and
-        the ban, i.e. from the same distribution the trainer computes."""
+        the ban, i.e. from the same distribution the trainer computes. A prompt that may not fit max_model_len
+        (text tokens + the most image tokens the pixel limit allows + max_new_tokens) is not sent: it gets an
+        empty response ([], "", None, None), which scores as a parse failure, and is counted in self.too_long."""
         from vllm import SamplingParams
         tok = self.processor.tokenizer
-        prompts = [dict(prompt=self.processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
-                        multi_modal_data={"image": [c["image"] for c in m[0]["content"] if c["type"] == "image"]})
-                   for m in messages]
+        prompts, fits = [], []
+        for m in messages:
+            text = self.processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+            images = [c["image"] for c in m[0]["content"] if c["type"] == "image"]
+            need = len(tok(text)["input_ids"]) + len(images) * self.max_image_tokens + max_new_tokens
+            fits.append(need <= self.max_len)
+            if fits[-1]:
+                prompts.append(dict(prompt=text, multi_modal_data={"image": images}))
+        self.too_long += fits.count(False)
         params = SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
                                 logprobs=0 if temperature > 0 else None, logit_bias=self.bias or None, detokenize=False)
+        outs = iter(self.llm.generate(prompts, params, use_tqdm=False) if prompts else [])
         ids, texts, logps, prompt_ids = [], [], [], []
-        for out in self.llm.generate(prompts, params, use_tqdm=False):
-            for c in out.outputs:
-                ids.append(list(c.token_ids))
-                texts.append(tok.decode(c.token_ids, skip_special_tokens=True).strip())
-                logps.append([d[t].logprob for d, t in zip(c.logprobs, c.token_ids)] if c.logprobs else None)
-                prompt_ids.append(list(out.prompt_token_ids))
+        for ok in fits:
+            out = next(outs) if ok else None
+            for c in (out.outputs if ok else [None] * n):
+                ids.append(list(c.token_ids) if c else [])
+                texts.append(tok.decode(c.token_ids, skip_special_tokens=True).strip() if c else "")
+                logps.append([d[t].logprob for d, t in zip(c.logprobs, c.token_ids)] if c and c.logprobs else None)
+                prompt_ids.append(list(out.prompt_token_ids) if c else None)
         return ids, texts, logps, prompt_ids
 
 

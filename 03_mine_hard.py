@@ -32,6 +32,8 @@ p.add_argument("--max-new-tokens", type=int, default=96)
 p.add_argument("--batch-size", type=int, default=64)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+p.add_argument("--strict", action="store_true", help="a bad input row is an error naming file:line (default: skip and count it)")
+p.add_argument("--max-prompt-tokens", type=int, default=2048, help="skip items whose prompt, image tokens included, is longer (0 = no limit)")
 args = p.parse_args()
 random.seed(args.seed)
 torch.manual_seed(args.seed)
@@ -39,12 +41,16 @@ out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 t0 = time.time()
 
-items = core.load_items(args.data)
+skipped = core.Skipped(args.strict)
+items = core.load_items(args.data, skipped=skipped)
 if args.num_items and args.num_items < len(items):
     items = random.sample(items, args.num_items)
 model, processor = core.load_policy(args.model, device=args.device)
 model.eval()
-print(f"read {args.data} ({len(items)} items) and {args.model}")
+items = core.drop_long_prompts(items, processor, args.max_prompt_tokens, skipped)   # only the sampled ones: cheap
+if not items:
+    raise SystemExit(f"{args.data}: no usable items (skipped: {dict(skipped)})")
+print(f"read {args.data} ({len(items)} items; skipped {dict(skipped) or 'none'}) and {args.model}")
 
 # ------------------------------------------------------------------------------------------ attempts
 difficulty = {}                                           # item index -> attempts needed (K + 1 = never)
@@ -81,7 +87,7 @@ meta = dict(stage="03_mine_hard", args=vars(args), seconds=round(time.time() - t
             kept=len(kept), difficulty_histogram={("never" if k > args.attempts else str(k)): v for k, v in sorted(hist.items())},
             first_try_accuracy=hist.get(1, 0) / len(items),
             parse_fail_rate=stats["parse_fail"] / stats["samples"], format_rate=stats["format_ok"] / stats["samples"],
-            kept_label_balance=dict(Counter(items[j]["label"] for j in kept)))
+            kept_label_balance=dict(Counter(items[j]["label"] for j in kept)), skipped_items=skipped)
 (out / "meta.json").write_text(json.dumps(meta, indent=2))
 print(json.dumps({k: v for k, v in meta.items() if k != "args"}, indent=1))
 print(f"wrote {out / 'rl_pairs.jsonl'} ({len(kept)} items), {out / 'meta.json'}")

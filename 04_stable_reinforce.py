@@ -18,9 +18,10 @@ Deliberate differences from the official code (yfzhang114/r1_reward, see README)
 One step: sample --rollout-batch responses (T = 1) -> rewards -> returns -> standardise + filter ->
 recompute old log-probs -> --rollout-batch / --train-batch optimizer steps of the clipped surrogate.
 
-Reads runs/03_hard/rl_pairs.jsonl and runs/02_sft/model; writes runs/04_rl/{model/, metrics.jsonl, meta.json}.
+Reads runs/03_hard/rl_pairs.jsonl and runs/02_sft/model; writes runs/04_rl/{model/, metrics.jsonl, meta.json} and
+resume.pt (every --save-every steps; `--resume` continues from it, Ctrl-C saves it and exits 0).
 """
-import argparse, copy, json, random, time
+import argparse, copy, json, math, random, time
 from pathlib import Path
 import torch
 import stable_reinforce_core as core
@@ -44,6 +45,13 @@ p.add_argument("--temperature", type=float, default=1.0, help="rollout temperatu
 p.add_argument("--max-new-tokens", type=int, default=96, help="paper: 1024")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+# reliability: resume, bad input, non-finite steps (README "What survives what")
+p.add_argument("--save-every", type=int, default=5, help="write the resumable checkpoint out/resume.pt every N steps (0 = never)")
+p.add_argument("--resume", action="store_true", help="continue from out/resume.pt: model, optimizer, RNG, step")
+p.add_argument("--strict", action="store_true", help="a bad input row is an error naming file:line (default: skip and count it)")
+p.add_argument("--max-prompt-tokens", type=int, default=2048, help="skip items whose prompt, image tokens included, is longer (0 = no limit)")
+p.add_argument("--max-bad-steps", type=int, default=5, help="stop (after saving) once this many optimizer steps in a row were non-finite")
+p.add_argument("--inject-nan-at", type=int, nargs="*", default=[], help=argparse.SUPPRESS)   # tests: NaN loss in these steps
 args = p.parse_args()
 assert args.rollout_batch % args.train_batch == 0 and args.train_batch % args.micro_batch == 0, "batch sizes must divide"
 random.seed(args.seed)
@@ -52,15 +60,17 @@ out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 
 # ------------------------------------------------------------------------------------------ data, model, judge
-items = core.load_items(args.data)
-if not items:
-    raise SystemExit(f"{args.data} has no items: stage 3 kept nothing (try --min-difficulty 1 there)")
+bad_rows = core.Skipped(args.strict)
+items = core.load_items(args.data, skipped=bad_rows)
 model, processor = core.load_policy(args.model, device=args.device)
+items = core.drop_long_prompts(items, processor, args.max_prompt_tokens, bad_rows)
+if not items:
+    raise SystemExit(f"{args.data} has no usable items (skipped: {dict(bad_rows)}); did stage 3 keep any? (try --min-difficulty 1 there)")
 banned = core.vision_token_ids(processor)
 ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None   # only for the KL term
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
 judge = core.RuleJudge()
-print(f"read {args.data} ({len(items)} items), {args.model}; pre_clip={not args.no_pre_clip} "
+print(f"read {args.data} ({len(items)} items; skipped {dict(bad_rows) or 'none'}), {args.model}; pre_clip={not args.no_pre_clip} "
       f"adv_filter={not args.no_adv_filter} beta={args.beta}")
 
 
@@ -128,16 +138,17 @@ def rl_step(step):
             logp = core.response_logprobs(model, c["batch"], c["mask"], banned, args.temperature)
             loss, st = core.stable_policy_loss(logp, c["old"], c["adv"], c["mask"], args.eps_clip,
                                                pre_clip=not args.no_pre_clip)
+            if step + 1 in args.inject_nan_at:
+                loss = loss * float("nan")
             (loss / per_step).backward()
             losses.append(loss.item())
             stats.append(st)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if torch.isfinite(gnorm):
-            opt.step()
-        else:                                                     # never let one non-finite step poison the weights
-            skipped += 1
-        opt.zero_grad(set_to_none=True)
-        gnorms.append(gnorm.item())
+        gnorm, ok = core.guarded_step(model, opt, all(map(math.isfinite, losses[-per_step:])))  # never let one
+        health["run"] = 0 if ok else health["run"] + 1                                         # non-finite step
+        health["skipped"] += not ok                                                            # poison the weights
+        health["stop"] |= health["run"] >= args.max_bad_steps
+        skipped += not ok
+        gnorms.append(gnorm)
 
     n = len(texts)
     correct = [i for i in range(n) if sc["result"][i]]
@@ -150,13 +161,22 @@ def rl_step(step):
                 policy_loss=sum(losses) / len(losses), max_policy_loss=max(abs(x) for x in losses),
                 kl=(core.masked_mean(kl, mask).item() if kl is not None else 0.0),
                 grad_norm=max(gnorms), skipped_steps=skipped,
-                response_len=mask.sum(-1).mean().item(), rollout_s=t_rollout, seconds=time.time() - t0)
+                response_len=mask.sum(-1).mean().item(), rollout_s=t_rollout, seconds=time.time() - t0,
+                ids=[it["id"] for it in batch_items])
 
 
 # ------------------------------------------------------------------------------------------ main loop
-log = open(out / "metrics.jsonl", "w")
-t_start = time.time()
-for step in range(args.steps):
+health = dict(run=0, skipped=0, stop=False)      # non-finite optimizer steps: in a row, in total, K reached
+ckpt = core.load_checkpoint(out / "resume.pt", args) if args.resume else None
+if ckpt:
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    core.set_rng_state(ckpt["rng"])
+    health = dict(ckpt["health"], stop=False)
+log = core.open_log(out / "metrics.jsonl", ckpt["step"] if ckpt else None)
+stop = core.StopOnSigint()
+t_start, m = time.time(), {}
+for step in range(ckpt["step"] if ckpt else 0, args.steps):
     m = rl_step(step)
     log.write(json.dumps(m) + "\n")
     log.flush()
@@ -164,10 +184,19 @@ for step in range(args.steps):
           f"fmt {m['format_rate']:.2f} | cons {m['consistency_rate']:.2f} | filt {m['filtered_frac']:.3f} | "
           f"preclip {m['preclip_frac']:.4f} | clip {m['clip_frac']:.3f} | loss {m['policy_loss']:+.4f} | "
           f"kl {m['kl']:.4f} | len {m['response_len']:.1f} | {m['seconds']:.1f}s", flush=True)
+    if health["stop"] or stop.requested or (args.save_every and (step + 1) % args.save_every == 0):
+        core.save_checkpoint(out / "resume.pt", model=model.state_dict(), opt=opt.state_dict(), step=step + 1,
+                             rng=core.rng_state(), health=health, args=vars(args))
+    if health["stop"]:
+        raise SystemExit(f"stopping at step {step + 1}: {health['run']} non-finite optimizer steps in a row "
+                         f"(--max-bad-steps). {out / 'resume.pt'} holds the last good weights.")
+    if stop.requested:
+        print(f"interrupted: saved {out / 'resume.pt'} at step {step + 1}/{args.steps}; continue with --resume")
+        raise SystemExit(0)
 
 model.save_pretrained(out / "model")
 processor.save_pretrained(out / "model")
 meta = dict(stage="04_stable_reinforce", args=vars(args), seconds=round(time.time() - t_start, 1),
-            rl_items=len(items), final=m)
+            rl_items=len(items), final=m, skipped_items=bad_rows, skipped_steps=health["skipped"])
 (out / "meta.json").write_text(json.dumps(meta, indent=2))
 print(f"wrote {out / 'model'}, {out / 'metrics.jsonl'}, {out / 'meta.json'} ({meta['seconds']} s)")

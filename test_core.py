@@ -3,18 +3,29 @@
 Every expected number is computed by hand (with `math`) or by a naive Python loop, never by the
 function under test. Run: cd /work/main && python -m pytest -q test_core.py
 """
+import io
 import json
 import math
+import os
+import signal
 import string
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from PIL import Image
 
-from stable_reinforce_core import (BadInput, PROMPT_TEMPLATE, RuleJudge, build_messages, format_ok, kl_k1,
-                                   load_items, majority_vote, parse_choice, reinforce_returns, reward,
-                                   score_rollouts, stable_policy_loss, standardize_and_filter)
+from stable_reinforce_core import (BadInput, PROMPT_TEMPLATE, RuleJudge, Skipped, StopOnSigint, VQA_FIELDS,
+                                   build_messages, format_ok, guarded_step, kl_k1, load_checkpoint, load_items,
+                                   majority_vote, open_log, parse_choice, reinforce_returns, reward, rng_state,
+                                   save_checkpoint, score_rollouts, set_rng_state, stable_policy_loss,
+                                   standardize_and_filter)
 
 LOG_HI = math.log(1e3)                                    # 6.9078: the paper's delta_max in log space
 ANS = lambda think, a: f"<think>{think}</think><answer>{a}</answer>"
@@ -360,9 +371,16 @@ def test_majority_vote(votes, winner):
 
 
 # ---------------------------------------------------------------- load_items
+def png_bytes(color="red", size=56):
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def write_pairs(tmp_path, rows):
     (tmp_path / "img").mkdir(exist_ok=True)
-    (tmp_path / "img" / "a.png").write_bytes(b"not really a png; load_items only checks the file exists")
+    (tmp_path / "img" / "a.png").write_bytes(png_bytes())
+    (tmp_path / "img" / "cut.png").write_bytes(png_bytes()[:60])          # a PNG cut short: the header survives
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
     return path
@@ -377,23 +395,53 @@ def test_load_items_good_file(tmp_path):
     items = load_items(path)
     assert [it["id"] for it in items] == ["p0", "p1"]
     assert items[0]["image"] == str(tmp_path / "img" / "a.png") and items[1]["think"] == "t"
+    assert [it["where"] for it in items] == [f"{path}:2", f"{path}:4"]
 
 
-@pytest.mark.parametrize("bad,needle", [
-    ('{"id": "p1", "image": ', "malformed JSON"),
-    (dict(GOOD, image="img/missing.png"), "image not found"),
-    (dict(GOOD, label=3), "label must be 1 or 2"),
-    (dict(GOOD, label=True), "label must be 1 or 2"),
-    (dict(GOOD, label="1"), "label must be 1 or 2"),
-    ({k: v for k, v in GOOD.items() if k != "question"}, "question"),
-    ('["a list", "not an object"]', "missing field")])
-def test_load_items_bad_line(tmp_path, bad, needle):
-    """A bad 3rd line (after a blank 2nd) raises BadInput naming path:3 and the problem."""
+# one row per bad-input class: (row, reason counted by default, words of the --strict error)
+BAD_ROWS = [
+    ('{"id": "p1", "image": ', "malformed_json", "malformed JSON"),
+    ('["a list", "not an object"]', "missing_field", "missing field"),
+    ({k: v for k, v in GOOD.items() if k != "question"}, "missing_field", "question"),
+    (dict(GOOD, image="img/missing.png"), "missing_image", "image not found"),
+    (dict(GOOD, image=None), "missing_image", "image not found"),
+    (dict(GOOD, image="img/cut.png"), "corrupt_image", "cannot be decoded"),
+    (dict(GOOD, label=3), "bad_label", "label must be 1 or 2"),
+    (dict(GOOD, label=True), "bad_label", "label must be 1 or 2"),
+    (dict(GOOD, label="1"), "bad_label", "label must be 1 or 2"),
+    (dict(GOOD, question="  "), "empty_text", "question"),
+    (dict(GOOD, response2=""), "empty_text", "response2"),
+    (dict(GOOD, response1=None), "empty_text", "response1")]
+
+
+@pytest.mark.parametrize("bad,reason,needle", BAD_ROWS)
+def test_load_items_strict_names_path_and_line(tmp_path, bad, reason, needle):
+    """--strict: a bad 3rd line (after a blank 2nd) raises BadInput naming path:3 and the problem."""
     path = write_pairs(tmp_path, [GOOD, "", bad])
     with pytest.raises(BadInput) as e:
-        load_items(path)
+        load_items(path, strict=True)
     msg = str(e.value)
     assert f"{path}:3:" in msg and needle in msg
+
+
+@pytest.mark.parametrize("bad,reason,needle", BAD_ROWS)
+def test_load_items_skips_and_counts_by_reason(tmp_path, capsys, bad, reason, needle):
+    """Default: the bad row is skipped, counted under its reason, and printed with path:line; good rows stay."""
+    path = write_pairs(tmp_path, [GOOD, bad, dict(GOOD, id="p2")])
+    skipped = Skipped()
+    items = load_items(path, skipped=skipped)
+    assert [it["id"] for it in items] == ["p0", "p2"]
+    assert dict(skipped) == {reason: 1}
+    assert f"{path}:2: " in capsys.readouterr().out
+
+
+def test_vqa_items_need_a_non_empty_answer(tmp_path):
+    """VQA rows: "answer" is a required text field; response1/2 are not."""
+    vqa = dict(id="v0", image="img/a.png", question="q", answer="red")
+    path = write_pairs(tmp_path, [vqa, dict(vqa, answer=" "), {k: v for k, v in vqa.items() if k != "answer"}])
+    skipped = Skipped()
+    assert [it["id"] for it in load_items(path, fields=VQA_FIELDS, skipped=skipped)] == ["v0"]
+    assert dict(skipped) == {"empty_text": 1, "missing_field": 1}
 
 
 # ---------------------------------------------------------------- Prompt (Table 1)

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import random
 import signal
 import string
 import subprocess
@@ -464,3 +465,296 @@ def test_build_messages_image_first():
     assert img == {"type": "image", "image": image} and txt["type"] == "text"
     assert "###### [Question]:\nWhat is {x}?  \n\n###### [Response 1]:\nA  \n\n###### [Response 2]:\nB  \n\n" \
         in txt["text"]
+
+
+# ================================================================ Reliability (issue 8)
+# Core helpers in-process first (fast); then the stage scripts as subprocesses on a tiny generated data set,
+# SIGKILLed / Ctrl-C'd mid-run and resumed (marked "STAGE SUBPROCESS"; about a minute on 2 CPU cores).
+def test_rng_state_round_trip():
+    """After set_rng_state, python and torch draw exactly what they drew right after the capture."""
+    state = rng_state()
+    first = (random.random(), torch.rand(3).tolist())
+    set_rng_state(state)
+    assert (random.random(), torch.rand(3).tolist()) == first
+
+
+def test_checkpoint_survives_a_crash_mid_save(tmp_path, monkeypatch):
+    """A save that dies half-way leaves a partial .tmp and the previous checkpoint loadable and unchanged."""
+    path = tmp_path / "resume.pt"
+    save_checkpoint(path, step=1, weights=torch.arange(4.0), args={})
+    real_save = torch.save
+
+    def crash(obj, f):                                  # write some bytes, then die like a killed process would
+        f.write(b"\x80\x02partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, step=2, weights=torch.zeros(4), args={})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (tmp_path / "resume.pt.tmp").read_bytes() == b"\x80\x02partial"
+    state = load_checkpoint(path)
+    assert state["step"] == 1 and state["weights"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    save_checkpoint(path, step=3, weights=torch.ones(4), args={})   # the next save replaces the partial file
+    assert load_checkpoint(path)["step"] == 3 and not (tmp_path / "resume.pt.tmp").exists()
+
+
+def test_guarded_step_skips_non_finite_and_keeps_weights_bit_identical():
+    """One good AdamW step, then a NaN loss and an inf gradient: weights and optimizer state stay bit-identical."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    x = torch.randn(4, 3)
+    model(x).pow(2).mean().backward()
+    assert guarded_step(model, opt, True)[1] is True
+    before = [p.detach().clone() for p in model.parameters()]
+    adam_before = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    loss = model(x).pow(2).mean() * float("nan")        # a poisoned loss, as --inject-nan-at does
+    loss.backward()
+    gnorm, ok = guarded_step(model, opt, math.isfinite(loss.item()))
+    assert not ok and math.isnan(gnorm)
+    (model(x).sum() * float("inf")).backward()          # a finite-looking loss flag but an inf gradient
+    assert guarded_step(model, opt, True)[1] is False
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(adam_before[k], opt.state[model.weight][k]) for k in adam_before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_open_log_drops_rows_after_the_checkpoint(tmp_path):
+    """On resume, rows after the checkpoint's step and a line cut by a kill are dropped; new rows append."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    with open_log(path, resume_step=2) as log:
+        log.write('{"step": 3, "again": true}\n')
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3, "again": true}\n'
+    open_log(path).close()                              # a fresh run starts an empty log
+    assert path.read_text() == ""
+
+
+def test_stop_on_sigint_sets_a_flag_then_raises():
+    """The first Ctrl-C only sets .requested (the loop saves and exits 0); a second one raises KeyboardInterrupt."""
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        stop = StopOnSigint()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def test_skipped_strict_raises_instead_of_counting():
+    skipped = Skipped(strict=True)
+    with pytest.raises(BadInput, match="f.jsonl:7: prompt has 900 tokens"):
+        skipped.add("f.jsonl:7", "prompt_too_long", "prompt has 900 tokens")
+    assert sum(skipped.values()) == 0
+
+
+# ---------------------------------------------------------------- STAGE SUBPROCESS tests (tiny data, tiny model)
+REPO = Path(__file__).resolve().parent
+COLORS4 = ["red", "green", "blue", "yellow"]
+LONG_QUESTION = " ".join(f"x{i}y" for i in range(300))          # ~1000 tokens with the tiny BPE: over the limit
+# one bad pair row per class, and what the stages that read train_pairs.jsonl must count
+BAD_PAIR_ROWS = ['{"id": "bad-json", "image": ',
+                 dict(id="bad-missing", image="images/missing.png", question="q?", response1="a", response2="b", label=1),
+                 dict(id="bad-corrupt", image="images/corrupt.png", question="q?", response1="a", response2="b", label=1),
+                 dict(id="bad-label", image="images/red.png", question="q?", response1="a", response2="b", label=3),
+                 dict(id="bad-empty-q", image="images/red.png", question="", response1="a", response2="b", label=1),
+                 dict(id="bad-empty-r", image="images/red.png", question="q?", response1="a", response2=" ", label=2),
+                 dict(id="bad-long", image="images/red.png", question=LONG_QUESTION, response1="a", response2="b", label=1)]
+PAIR_SKIPS = dict(malformed_json=1, missing_image=1, corrupt_image=1, bad_label=1, empty_text=2, prompt_too_long=1)
+SFT = ["--steps", "8", "--batch-size", "2", "--vqa-batch-size", "2", "--see-first", "2", "--save-every", "2",
+       "--hidden", "48", "--layers", "1", "--max-prompt-tokens", "400"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """8 good pairs + 8 good VQA items on 4 generated images, plus one bad pair row per class and one VQA row
+    with an empty answer. Written directly (no 01 run)."""
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "images").mkdir()
+    for c in COLORS4:
+        (root / "images" / f"{c}.png").write_bytes(png_bytes(c))
+    (root / "images" / "corrupt.png").write_bytes(png_bytes("red")[:60])
+    pairs, vqa = [], []
+    for i in range(8):
+        right, wrong, label = COLORS4[i % 4], COLORS4[(i + 1) % 4], 1 + i % 2
+        r1, r2 = (right, wrong) if label == 1 else (wrong, right)
+        pairs.append(dict(id=f"p{i}", image=f"images/{right}.png", question="What color is the shape?",
+                          response1=r1, response2=r2, label=label, think=f"The image is {right}. Response {label} is better."))
+        vqa.append(dict(id=f"v{i}", image=f"images/{right}.png", question="What color is the shape?", answer=right))
+    write = lambda name, rows: (root / name).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    write("train_pairs.jsonl", pairs[:4] + BAD_PAIR_ROWS + pairs[4:])
+    write("train_vqa.jsonl", vqa + [dict(vqa[0], id="bad-empty-answer", answer="")])
+    return root
+
+
+def run_stage(script, args, log, signal_when=None, sig=None):
+    """Run one stage script; if signal_when() becomes true while it runs, send it `sig`. Returns (rc, output)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
+                                stdout=f, stderr=subprocess.STDOUT)
+        while signal_when and proc.poll() is None and not signal_when():
+            time.sleep(0.01)
+        if signal_when and proc.poll() is None:
+            proc.send_signal(sig)
+        rc = proc.wait(timeout=300)
+    return rc, Path(log).read_text()
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def ckpt_step(out):
+    return torch.load(out / "resume.pt", weights_only=False)["step"]
+
+
+def weights_of(folder):
+    """The model's state_dict as the stages hold it (the file's key names differ from the module's)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).state_dict()
+
+
+def same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def same_weights(a, b):
+    from safetensors.torch import load_file
+    return same_state(load_file(a / "model.safetensors"), load_file(b / "model.safetensors"))
+
+
+def kill_interrupt_resume(script, args, out, steps):
+    """SIGKILL once the first checkpoint exists; resume and Ctrl-C once it writes a newer one; resume to the end,
+    with a partial resume.pt.tmp planted first (a crash mid-save). Asserts each interruption really hit mid-run."""
+    rc, _ = run_stage(script, args, out.with_suffix(".a.log"), lambda: (out / "resume.pt").exists(), signal.SIGKILL)
+    killed_at = ckpt_step(out)
+    assert rc == -signal.SIGKILL and killed_at < steps
+    mtime = (out / "resume.pt").stat().st_mtime_ns
+    rc, log = run_stage(script, args + ["--resume"], out.with_suffix(".b.log"),
+                        lambda: (out / "resume.pt").stat().st_mtime_ns != mtime, signal.SIGINT)
+    interrupted_at = ckpt_step(out)
+    assert rc == 0 and "interrupted: saved" in log and killed_at < interrupted_at < steps, log[-2000:]
+    (out / "resume.pt.tmp").write_bytes(b"half a checkpoint")
+    rc, log = run_stage(script, args + ["--resume"], out.with_suffix(".c.log"))
+    assert rc == 0 and f"resumed from {out / 'resume.pt'} at step {interrupted_at}" in log, log[-2000:]
+
+
+@pytest.fixture(scope="module")
+def sft_ref(tiny, tmp_path_factory):
+    """An uninterrupted tiny SFT run (a NaN injected at step 3); its model also starts the stage 3 and 4 tests."""
+    out = tmp_path_factory.mktemp("sft") / "ref"
+    rc, log = run_stage("02_sft.py", ["--data", tiny, "--out", out, *SFT, "--inject-nan-at", 3], f"{out}.log")
+    assert rc == 0, log[-3000:]
+    return out
+
+
+def test_stage2_kill_ctrl_c_resume_matches_uninterrupted_run(tiny, sft_ref):
+    """STAGE SUBPROCESS. Killed, resumed, Ctrl-C'd, resumed: same steps, same items per step, same losses and
+    bit-identical final weights as the uninterrupted run. Also: the NaN step 3 is skipped the same way."""
+    out = sft_ref.parent / "killed"
+    kill_interrupt_resume("02_sft.py", ["--data", tiny, "--out", out, *SFT, "--inject-nan-at", 3], out, steps=8)
+    ref, got = rows(sft_ref), rows(out)
+    assert [r["step"] for r in got] == list(range(1, 9))
+    keys = ("step", "pair_ids", "vqa_ids", "loss", "grad_norm", "lr", "skipped_step")
+    assert [{k: r[k] for k in keys if k != "loss"} for r in got] == [{k: r[k] for k in keys if k != "loss"} for r in ref]
+    assert [r["loss"] for r in got if r["step"] != 3] == [r["loss"] for r in ref if r["step"] != 3]
+    assert [r["skipped_step"] for r in ref] == [False, False, True] + [False] * 5 and math.isnan(ref[2]["loss"])
+    seen = lambda rs: Counter(i for r in rs for i in r["pair_ids"] + r["vqa_ids"])
+    assert seen(got) == seen(ref) and not any(i.startswith("bad") for i in seen(ref))
+    assert [r["pair_ids"] for r in ref[:2]] == [[], []] and all(len(r["pair_ids"]) == 2 for r in ref[2:])
+    assert same_weights(sft_ref / "model", out / "model")
+
+
+def test_stage2_meta_counts_bad_rows_and_strict_names_the_line(tiny, sft_ref):
+    """STAGE SUBPROCESS. meta.json counts each planted bad row under its reason; --strict stops at the first one."""
+    meta = json.loads((sft_ref / "meta.json").read_text())
+    assert meta["skipped_items"] == dict(PAIR_SKIPS, empty_text=3) and meta["skipped_steps"] == 1
+    rc, log = run_stage("02_sft.py", ["--data", tiny, "--out", sft_ref.parent / "strict", *SFT, "--strict"],
+                        sft_ref.parent / "strict.log")
+    assert rc != 0 and f"BadInput: {tiny / 'train_pairs.jsonl'}:5: malformed JSON" in log
+
+
+def test_stage2_stops_after_k_non_finite_steps_with_usable_checkpoint(tiny, sft_ref):
+    """STAGE SUBPROCESS. NaN at steps 1 and 2 with --max-bad-steps 2: exit 1 with a message; the checkpoint holds
+    the initial weights bit for bit (no update ever happened) and an empty optimizer state."""
+    out = sft_ref.parent / "nan"
+    rc, log = run_stage("02_sft.py", ["--data", tiny, "--out", out, *SFT, "--inject-nan-at", 1, 2, "--max-bad-steps", 2],
+                        f"{out}.log")
+    assert rc == 1 and "2 non-finite steps in a row" in log
+    ck = torch.load(out / "resume.pt", weights_only=False)
+    assert ck["step"] == 2 and ck["opt"]["state"] == {} and [r["skipped_step"] for r in rows(out)] == [True, True]
+    assert same_state(weights_of(out / "init"), ck["model"])
+
+
+def test_prompt_length_matches_the_processor(tiny, sft_ref):
+    """drop_long_prompts counts prompt tokens like the processor does (image tokens included): with the limit at
+    the median true length it keeps exactly the items whose collated prompt is that long or shorter."""
+    from stable_reinforce_core import collate, drop_long_prompts, load_policy, pair_view
+    _, processor = load_policy(sft_ref / "init")
+    items = load_items(tiny / "train_pairs.jsonl", skipped=Skipped())
+    items[1] = dict(items[1], question="What colour, exactly, is the shape in this picture?")
+    true = collate(processor, [pair_view(it)[0] for it in items])[0]["attention_mask"].sum(-1).tolist()
+    limit = sorted(true)[len(true) // 2]
+    skipped = Skipped()
+    kept = drop_long_prompts(items, processor, limit, skipped)
+    assert [it["id"] for it in kept] == [it["id"] for it, n in zip(items, true) if n <= limit]
+    assert skipped["prompt_too_long"] == sum(n > limit for n in true) > 0
+
+
+def test_stage1_jsonl_source_counts_bad_rows_and_strict(tiny, tmp_path):
+    """STAGE SUBPROCESS. 01 --source jsonl skips and counts the bad rows (all but the prompt length, which needs
+    the tokenizer built in 02); --strict names file:line."""
+    pairs = tiny / "train_pairs.jsonl"
+    rc, log = run_stage("01_build_data.py", ["--source", "jsonl", "--pairs", pairs, "--out", tmp_path / "a"], tmp_path / "a.log")
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert rc == 0 and meta["skipped_items"] == {k: v for k, v in PAIR_SKIPS.items() if k != "prompt_too_long"}
+    assert meta["counts"]["train_pairs"] + meta["counts"]["test_pairs"] == 9       # 8 good + the long one
+    rc, log = run_stage("01_build_data.py", ["--source", "jsonl", "--pairs", pairs, "--out", tmp_path / "b", "--strict"],
+                        tmp_path / "b.log")
+    assert rc != 0 and f"{pairs}:5: malformed JSON" in log
+
+
+def test_stage3_counts_bad_rows(tiny, sft_ref, tmp_path):
+    """STAGE SUBPROCESS. 03 mines only the 8 good items and records every skipped row in meta.json."""
+    rc, log = run_stage("03_mine_hard.py", ["--data", tiny / "train_pairs.jsonl", "--model", sft_ref / "model",
+                                            "--out", tmp_path, "--num-items", 0, "--attempts", 1, "--max-new-tokens", 4,
+                                            "--max-prompt-tokens", 400], tmp_path / "log")
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert rc == 0 and meta["tried"] == 8 and meta["skipped_items"] == PAIR_SKIPS, log[-2000:]
+
+
+RL = ["--steps", "4", "--rollout-batch", "2", "--train-batch", "2", "--micro-batch", "2", "--max-new-tokens", "8",
+      "--save-every", "1", "--max-prompt-tokens", "400"]
+
+
+def test_stage4_kill_ctrl_c_resume_matches_uninterrupted_run(tiny, sft_ref):
+    """STAGE SUBPROCESS. As for stage 2: same steps, prompts, rewards and losses, bit-identical final weights;
+    meta.json counts the bad rows."""
+    data = ["--data", tiny / "train_pairs.jsonl", "--model", sft_ref / "model"]
+    ref_out, out = sft_ref.parent / "rl_ref", sft_ref.parent / "rl_killed"
+    rc, log = run_stage("04_stable_reinforce.py", [*data, "--out", ref_out, *RL], f"{ref_out}.log")
+    assert rc == 0, log[-3000:]
+    kill_interrupt_resume("04_stable_reinforce.py", [*data, "--out", out, *RL], out, steps=4)
+    keys = ("step", "ids", "reward", "accuracy", "policy_loss", "grad_norm", "response_len", "skipped_steps")
+    assert [{k: r[k] for k in keys} for r in rows(out)] == [{k: r[k] for k in keys} for r in rows(ref_out)]
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
+    assert same_weights(ref_out / "model", out / "model")
+    assert json.loads((ref_out / "meta.json").read_text())["skipped_items"] == PAIR_SKIPS
+
+
+def test_stage4_stops_after_k_non_finite_steps_with_usable_checkpoint(tiny, sft_ref):
+    """STAGE SUBPROCESS. NaN loss in steps 1 and 2, --max-bad-steps 2: exit 1; the checkpoint holds the starting
+    (SFT) weights bit for bit and no optimizer state."""
+    out = sft_ref.parent / "rl_nan"
+    rc, log = run_stage("04_stable_reinforce.py", ["--data", tiny / "train_pairs.jsonl", "--model", sft_ref / "model",
+                                                   "--out", out, *RL, "--inject-nan-at", 1, 2, "--max-bad-steps", 2],
+                        f"{out}.log")
+    assert rc == 1 and "2 non-finite optimizer steps in a row" in log, log[-2000:]
+    ck = torch.load(out / "resume.pt", weights_only=False)
+    assert ck["step"] == 2 and ck["opt"]["state"] == {} and [r["skipped_steps"] for r in rows(out)] == [1, 1]
+    assert same_state(weights_of(sft_ref / "model"), ck["model"])

@@ -605,6 +605,12 @@ def run_stage(script, args, log, signal_when=None, sig=None):
     return rc, Path(log).read_text()
 
 
+def run_stages(*jobs):
+    """Independent run_stage jobs, two at a time (most of each is importing torch and transformers)."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda job: run_stage(*job), jobs))
+
+
 def rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -645,12 +651,20 @@ def kill_interrupt_resume(script, args, out, steps):
 
 
 @pytest.fixture(scope="module")
-def sft_ref(tiny, tmp_path_factory):
-    """An uninterrupted tiny SFT run (a NaN injected at step 3); its model also starts the stage 3 and 4 tests."""
-    out = tmp_path_factory.mktemp("sft") / "ref"
-    rc, log = run_stage("02_sft.py", ["--data", tiny, "--out", out, *SFT, "--inject-nan-at", 3], f"{out}.log")
-    assert rc == 0, log[-3000:]
-    return out
+def sft(tiny, tmp_path_factory):
+    """Two tiny SFT runs side by side: "ref", uninterrupted with a NaN injected at step 3 (its model also starts the
+    stage 3 and 4 tests), and "nan", with NaN at steps 1 and 2 and --max-bad-steps 2. Returns out folders and (rc, log)."""
+    root = tmp_path_factory.mktemp("sft")
+    ref, nan = run_stages(("02_sft.py", ["--data", tiny, "--out", root / "ref", *SFT, "--inject-nan-at", 3], root / "ref.log"),
+                          ("02_sft.py", ["--data", tiny, "--out", root / "nan", *SFT, "--inject-nan-at", 1, 2,
+                                         "--max-bad-steps", 2], root / "nan.log"))
+    assert ref[0] == 0, ref[1][-3000:]
+    return dict(ref=root / "ref", nan=root / "nan", nan_result=nan)
+
+
+@pytest.fixture(scope="module")
+def sft_ref(sft):
+    return sft["ref"]
 
 
 def test_stage2_kill_ctrl_c_resume_matches_uninterrupted_run(tiny, sft_ref):
@@ -679,12 +693,10 @@ def test_stage2_meta_counts_bad_rows_and_strict_names_the_line(tiny, sft_ref):
     assert rc != 0 and f"BadInput: {tiny / 'train_pairs.jsonl'}:5: malformed JSON" in log
 
 
-def test_stage2_stops_after_k_non_finite_steps_with_usable_checkpoint(tiny, sft_ref):
+def test_stage2_stops_after_k_non_finite_steps_with_usable_checkpoint(sft):
     """STAGE SUBPROCESS. NaN at steps 1 and 2 with --max-bad-steps 2: exit 1 with a message; the checkpoint holds
     the initial weights bit for bit (no update ever happened) and an empty optimizer state."""
-    out = sft_ref.parent / "nan"
-    rc, log = run_stage("02_sft.py", ["--data", tiny, "--out", out, *SFT, "--inject-nan-at", 1, 2, "--max-bad-steps", 2],
-                        f"{out}.log")
+    out, (rc, log) = sft["nan"], sft["nan_result"]
     assert rc == 1 and "2 non-finite steps in a row" in log
     ck = torch.load(out / "resume.pt", weights_only=False)
     assert ck["step"] == 2 and ck["opt"]["state"] == {} and [r["skipped_step"] for r in rows(out)] == [True, True]
@@ -710,13 +722,13 @@ def test_stage1_jsonl_source_counts_bad_rows_and_strict(tiny, tmp_path):
     """STAGE SUBPROCESS. 01 --source jsonl skips and counts the bad rows (all but the prompt length, which needs
     the tokenizer built in 02); --strict names file:line."""
     pairs = tiny / "train_pairs.jsonl"
-    rc, log = run_stage("01_build_data.py", ["--source", "jsonl", "--pairs", pairs, "--out", tmp_path / "a"], tmp_path / "a.log")
+    (rc, log), (rc_strict, log_strict) = run_stages(
+        ("01_build_data.py", ["--source", "jsonl", "--pairs", pairs, "--out", tmp_path / "a"], tmp_path / "a.log"),
+        ("01_build_data.py", ["--source", "jsonl", "--pairs", pairs, "--out", tmp_path / "b", "--strict"], tmp_path / "b.log"))
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     assert rc == 0 and meta["skipped_items"] == {k: v for k, v in PAIR_SKIPS.items() if k != "prompt_too_long"}
     assert meta["counts"]["train_pairs"] + meta["counts"]["test_pairs"] == 9       # 8 good + the long one
-    rc, log = run_stage("01_build_data.py", ["--source", "jsonl", "--pairs", pairs, "--out", tmp_path / "b", "--strict"],
-                        tmp_path / "b.log")
-    assert rc != 0 and f"{pairs}:5: malformed JSON" in log
+    assert rc_strict != 0 and f"{pairs}:5: malformed JSON" in log_strict
 
 
 def test_stage3_counts_bad_rows(tiny, sft_ref, tmp_path):
@@ -732,14 +744,24 @@ RL = ["--steps", "4", "--rollout-batch", "2", "--train-batch", "2", "--micro-bat
       "--save-every", "1", "--max-prompt-tokens", "400"]
 
 
-def test_stage4_kill_ctrl_c_resume_matches_uninterrupted_run(tiny, sft_ref):
+@pytest.fixture(scope="module")
+def rl(tiny, sft_ref):
+    """Two tiny RL runs side by side from the tiny SFT model: "ref", uninterrupted, and "nan", with a NaN loss in
+    steps 1 and 2 and --max-bad-steps 2."""
+    data = ["--data", tiny / "train_pairs.jsonl", "--model", sft_ref / "model"]
+    root = sft_ref.parent
+    ref, nan = run_stages(("04_stable_reinforce.py", [*data, "--out", root / "rl_ref", *RL], root / "rl_ref.log"),
+                          ("04_stable_reinforce.py", [*data, "--out", root / "rl_nan", *RL, "--inject-nan-at", 1, 2,
+                                                      "--max-bad-steps", 2], root / "rl_nan.log"))
+    assert ref[0] == 0, ref[1][-3000:]
+    return dict(data=data, ref=root / "rl_ref", nan=root / "rl_nan", nan_result=nan)
+
+
+def test_stage4_kill_ctrl_c_resume_matches_uninterrupted_run(sft_ref, rl):
     """STAGE SUBPROCESS. As for stage 2: same steps, prompts, rewards and losses, bit-identical final weights;
     meta.json counts the bad rows."""
-    data = ["--data", tiny / "train_pairs.jsonl", "--model", sft_ref / "model"]
-    ref_out, out = sft_ref.parent / "rl_ref", sft_ref.parent / "rl_killed"
-    rc, log = run_stage("04_stable_reinforce.py", [*data, "--out", ref_out, *RL], f"{ref_out}.log")
-    assert rc == 0, log[-3000:]
-    kill_interrupt_resume("04_stable_reinforce.py", [*data, "--out", out, *RL], out, steps=4)
+    ref_out, out = rl["ref"], sft_ref.parent / "rl_killed"
+    kill_interrupt_resume("04_stable_reinforce.py", [*rl["data"], "--out", out, *RL], out, steps=4)
     keys = ("step", "ids", "reward", "accuracy", "policy_loss", "grad_norm", "response_len", "skipped_steps")
     assert [{k: r[k] for k in keys} for r in rows(out)] == [{k: r[k] for k in keys} for r in rows(ref_out)]
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
@@ -747,13 +769,10 @@ def test_stage4_kill_ctrl_c_resume_matches_uninterrupted_run(tiny, sft_ref):
     assert json.loads((ref_out / "meta.json").read_text())["skipped_items"] == PAIR_SKIPS
 
 
-def test_stage4_stops_after_k_non_finite_steps_with_usable_checkpoint(tiny, sft_ref):
+def test_stage4_stops_after_k_non_finite_steps_with_usable_checkpoint(sft_ref, rl):
     """STAGE SUBPROCESS. NaN loss in steps 1 and 2, --max-bad-steps 2: exit 1; the checkpoint holds the starting
     (SFT) weights bit for bit and no optimizer state."""
-    out = sft_ref.parent / "rl_nan"
-    rc, log = run_stage("04_stable_reinforce.py", ["--data", tiny / "train_pairs.jsonl", "--model", sft_ref / "model",
-                                                   "--out", out, *RL, "--inject-nan-at", 1, 2, "--max-bad-steps", 2],
-                        f"{out}.log")
+    out, (rc, log) = rl["nan"], rl["nan_result"]
     assert rc == 1 and "2 non-finite optimizer steps in a row" in log, log[-2000:]
     ck = torch.load(out / "resume.pt", weights_only=False)
     assert ck["step"] == 2 and ck["opt"]["state"] == {} and [r["skipped_steps"] for r in rows(out)] == [1, 1]

@@ -15,7 +15,7 @@ There is no torch.distributed and no vLLM here, so `pytest test_core.py` runs on
 Where the official code (yfzhang114/r1_reward @ 3693413) differs from the paper, we follow the paper;
 each such place is marked "[fix Bn]" with the bug number of the README's table.
 """
-import collections, functools, json, math, os, random, re, signal
+import argparse, collections, functools, json, math, os, random, re, signal
 from pathlib import Path
 import torch
 
@@ -364,12 +364,12 @@ def sample(model, processor, messages, max_new_tokens, temperature=1.0, device="
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Reliability (not paper math): counted skipping of bad input, atomic resumable checkpoints with
-#    RNG state, optimizer steps that skip a non-finite loss or gradient, and a Ctrl-C that saves first.
+# 9. Reliability (not paper math): counted skipping of bad input, atomic resumable checkpoints with RNG
+#    state, optimizer steps that skip a non-finite loss or gradient, and a Ctrl-C that saves first.
 class Skipped(collections.Counter):
-    """Bad input items counted by reason: malformed_json, missing_field, bad_label, empty_text,
-    missing_image, corrupt_image, prompt_too_long. add() prints the first 20 with path:line;
-    strict=True raises BadInput with the same message instead. A stage writes it into its meta.json."""
+    """Bad input items counted by reason: malformed_json, missing_field, bad_label, empty_text, missing_image,
+    corrupt_image, prompt_too_long. add() prints the first 20 with path:line; strict=True raises BadInput
+    with the same message instead. Stages write it into their meta.json."""
     def __init__(self, strict=False):
         super().__init__()
         self.strict = strict
@@ -383,22 +383,21 @@ class Skipped(collections.Counter):
 
 
 def drop_long_prompts(items, processor, max_tokens, skipped):
-    """Keep the items whose prompt has at most max_tokens tokens as the processor builds it: the chat template
-    with the image placeholder expanded to the image's tokens (16 for a 112-px image). Pairs get the Table 1
-    prompt, VQA items vqa_messages. Count the others as "prompt_too_long". max_tokens=0: no limit.
-    Only image sizes are needed (the header), so this costs ~0.5 ms per item, not a full preprocessing."""
+    """Keep the items whose prompt has at most max_tokens tokens as the processor builds it: chat template, and
+    the image placeholder expanded to the image's tokens (16 for 112 px). Pairs get the Table 1 prompt, VQA
+    items vqa_messages; the rest count as "prompt_too_long". Reads image headers only. max_tokens=0: no limit."""
     from PIL import Image
     if not max_tokens:
         return items
     texts, sizes = [], []
     for it in items:
-        with Image.open(it["image"]) as im:             # lazy: reads the header, not the pixels
+        with Image.open(it["image"]) as im:               # lazy: the header, not the pixels
             msgs = (build_messages(it["question"], it["response1"], it["response2"], im) if "response1" in it
                     else vqa_messages(it["question"], im))
             texts.append(processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
-            sizes.append(im.size[::-1])                   # (height, width)
-    n_text = [len(ids) - 1 for ids in processor.tokenizer(texts)["input_ids"]]   # minus the one placeholder
+            sizes.append(im.size[::-1])                     # (height, width)
     n_image = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens   # vLLM relies on it too
+    n_text = [len(ids) - 1 for ids in processor.tokenizer(texts)["input_ids"]]          # minus the placeholder
     kept = []
     for it, n in zip(items, map(sum, zip(n_text, n_image))):
         if n <= max_tokens:
@@ -409,7 +408,7 @@ def drop_long_prompts(items, processor, max_tokens, skipped):
 
 
 def rng_state():
-    """Python, torch (CPU) and, if present, CUDA RNG states: restoring them makes a resumed run draw the same."""
+    """Python, torch and (if present) CUDA RNG states; set_rng_state(rng_state()) makes a resumed run draw the same."""
     return dict(python=random.getstate(), torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
@@ -422,9 +421,8 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, **state):
-    """Write `state` (model/optimizer/scheduler state dicts, step, rng_state(), ...) with torch.save, atomically:
-    into path + ".tmp", fsync, then os.replace onto path and fsync the folder. A crash mid-save leaves a partial
-    .tmp, which is never read, and the previous checkpoint intact."""
+    """torch.save(state) atomically: into path + ".tmp", fsync, os.replace onto path, fsync the folder. A crash
+    mid-save leaves a partial .tmp (never read) and the previous checkpoint intact."""
     path, tmp = Path(path), Path(f"{path}.tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -432,41 +430,38 @@ def save_checkpoint(path, **state):
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fd = os.open(path.parent, os.O_RDONLY)
-    os.fsync(fd)                                    # make the rename itself durable
+    os.fsync(fd)                                            # make the rename itself durable
     os.close(fd)
 
 
 def load_checkpoint(path, args=None):
-    """The state saved by save_checkpoint, or None if there is none. Prints the flags that differ from `args`."""
+    """The state saved by save_checkpoint, or None if there is none; prints the flags that differ from args'."""
     if not Path(path).is_file():
         print(f"--resume: no checkpoint at {path}, starting from step 0")
         return None
-    state = torch.load(path, weights_only=False)    # our own file: it holds the python RNG state (a tuple)
-    now = vars(args) if args is not None else {}
-    changed = {k: v for k, v in now.items() if k != "resume" and state.get("args", {}).get(k, v) != v}
+    state = torch.load(path, weights_only=False)            # our own file; it holds Python objects (RNG state)
+    changed = {k: v for k, v in vars(args or argparse.Namespace()).items()
+               if k != "resume" and state.get("args", {}).get(k, v) != v}
     print(f"resumed from {path} at step {state['step']}" + (f"; flags changed since: {changed}" if changed else ""))
     return state
 
 
 def open_log(path, resume_step=None):
-    """The metrics log (one JSON row per step, with its "step"), opened for appending. On resume, rows after
-    resume_step are dropped (the steps after the checkpoint run again), and so is a line cut by a kill."""
+    """The metrics log (JSON rows with a "step"), opened for appending. On resume, the rows after resume_step
+    (those steps run again) and a line cut by a kill are dropped; otherwise the log starts empty."""
     keep = []
-    if resume_step is not None and Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= resume_step:
-                    keep.append(line + "\n")
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass
+    for line in Path(path).read_text().splitlines() if resume_step is not None and Path(path).exists() else []:
+        try:
+            keep += [line + "\n"] if json.loads(line)["step"] <= resume_step else []
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
     Path(path).write_text("".join(keep))
     return open(path, "a")
 
 
 def guarded_step(model, opt, loss_ok, max_norm=1.0):
-    """Clip the gradient norm and step the optimizer only if the loss (loss_ok) and the norm are finite;
-    zero the gradients either way. A skipped step leaves weights and optimizer state bit-identical.
-    Returns (grad norm as float, stepped)."""
+    """Clip the gradient norm and step the optimizer only if the loss (loss_ok) and the norm are finite, then zero
+    the gradients. A skipped step leaves weights and optimizer state bit-identical. -> (grad norm, stepped)."""
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     ok = bool(loss_ok) and bool(torch.isfinite(gnorm))
     if ok:
@@ -476,8 +471,8 @@ def guarded_step(model, opt, loss_ok, max_norm=1.0):
 
 
 class StopOnSigint:
-    """Ctrl-C (SIGINT) sets .requested instead of raising KeyboardInterrupt, so the training loop can finish
-    its step, save a checkpoint and exit 0. A second Ctrl-C raises KeyboardInterrupt as usual."""
+    """The first Ctrl-C (SIGINT) only sets .requested: the loop finishes its step, saves and exits 0.
+    A second Ctrl-C raises KeyboardInterrupt as usual."""
     def __init__(self):
         self.requested = False
         signal.signal(signal.SIGINT, self._handle)

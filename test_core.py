@@ -1,7 +1,8 @@
-"""Tests for stable_reinforce_core.py (R1-Reward, arXiv 2505.02835). CPU only, a few seconds.
+"""Tests for stable_reinforce_core.py (R1-Reward, arXiv 2505.02835), CPU only.
 
 Every expected number is computed by hand (with `math`) or by a naive Python loop, never by the
-function under test. Run: cd /work/main && python -m pytest -q test_core.py
+function under test. Run: python -m pytest -q test_core.py (about 2 minutes on 2 busy cores);
+the last block runs the stage scripts as subprocesses (tests named *stage*): -k "not stage" skips them (~5 s).
 """
 import io
 import json
@@ -703,7 +704,7 @@ def test_stage2_stops_after_k_non_finite_steps_with_usable_checkpoint(sft):
     assert same_state(weights_of(out / "init"), ck["model"])
 
 
-def test_prompt_length_matches_the_processor(tiny, sft_ref):
+def test_stage2_init_prompt_length_matches_the_processor(tiny, sft_ref):
     """drop_long_prompts counts prompt tokens like the processor does (image tokens included): with the limit at
     the median true length it keeps exactly the items whose collated prompt is that long or shorter."""
     from stable_reinforce_core import collate, drop_long_prompts, load_policy, pair_view

@@ -226,11 +226,9 @@ TEXT_FIELDS = ("question", "response1", "response2", "answer")     # must be non
 def load_items(path, fields=PAIR_FIELDS, image_root=None, strict=False, skipped=None):
     """Read a JSONL file of items, e.g. a pair file, one item per line:
         {"id", "image", "question", "response1", "response2", "label": 1|2, ...optional "think", "source"}
-    "image" is relative to image_root (default: the file's folder). A bad row -- malformed JSON, a missing
-    field, a label outside {1, 2}, an empty question/response/answer, a missing or undecodable image -- is
-    skipped and counted by reason in `skipped` (a Skipped, section 9; default a new one), which prints it
-    with path:line. strict=True raises BadInput naming path:line instead. Each kept item gets
-    "where" = "path:line", so later checks (e.g. the prompt length) can name the line too."""
+    "image" is relative to image_root (default: the file's folder). A bad row (see _check_row) is skipped and
+    counted by reason in `skipped` (a Skipped, section 9), which prints path:line; strict=True raises BadInput
+    naming path:line instead. Kept items get "where" = "path:line", for later checks such as the prompt length."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     skipped = Skipped(strict) if skipped is None else skipped
@@ -247,7 +245,8 @@ def load_items(path, fields=PAIR_FIELDS, image_root=None, strict=False, skipped=
 
 
 def _check_row(line, fields, root):
-    """(row, None, None) for a good line, else (None, reason, detail). Reasons are Skipped's keys."""
+    """(row, None, None) for a good line, else (None, reason, detail): malformed JSON, a missing field, a label
+    outside {1, 2}, an empty question/response/answer, a missing or undecodable image."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -270,8 +269,7 @@ def _check_row(line, fields, root):
 
 @functools.lru_cache(maxsize=None)
 def image_decodes(path):
-    """True iff PIL fully decodes the image file (garbage or a truncated PNG -> False). Cached per path:
-    thousands of pairs share a few thousand images, so checking all of them at load time costs ~1 s."""
+    """True iff PIL fully decodes the image (garbage or a cut PNG -> False). Cached: pairs share images."""
     from PIL import Image
     try:
         with Image.open(path) as im:

@@ -162,6 +162,7 @@ def rl_step(step):
                 kl=(core.masked_mean(kl, mask).item() if kl is not None else 0.0),
                 grad_norm=max(gnorms), skipped_steps=skipped,
                 response_len=mask.sum(-1).mean().item(), rollout_s=t_rollout, seconds=time.time() - t0,
+                logp=sum(c["old"].sum().item() for c in chunks) / mask.sum().item(),   # mean log-prob of the samples
                 ids=[it["id"] for it in batch_items])
 
 

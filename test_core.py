@@ -763,11 +763,12 @@ def rl(tiny, sft_ref):
 
 
 def test_stage4_kill_ctrl_c_resume_matches_uninterrupted_run(sft_ref, rl):
-    """STAGE SUBPROCESS. As for stage 2: same steps, prompts, rewards and losses, bit-identical final weights;
-    meta.json counts the bad rows."""
+    """STAGE SUBPROCESS. As for stage 2: same steps, prompts, samples, rewards and losses, bit-identical final
+    weights; meta.json counts the bad rows. The tiny model earns the same reward on every rollout, so advantages
+    and updates are 0 here: "logp" (mean log-prob of the sampled tokens) is what checks the restored RNG."""
     ref_out, out = rl["ref"], sft_ref.parent / "rl_killed"
     kill_interrupt_resume("04_stable_reinforce.py", [*rl["data"], "--out", out, *RL], out, steps=5)
-    keys = ("step", "ids", "reward", "accuracy", "policy_loss", "grad_norm", "response_len", "skipped_steps")
+    keys = ("step", "ids", "logp", "reward", "accuracy", "policy_loss", "grad_norm", "response_len", "skipped_steps")
     assert pick(rows(out), keys) == pick(rows(ref_out), keys)
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5]
     assert same_weights(ref_out / "model", out / "model")

@@ -227,8 +227,8 @@ def load_items(path, fields=PAIR_FIELDS, image_root=None, strict=False, skipped=
     """Read a JSONL file of items, e.g. a pair file, one item per line:
         {"id", "image", "question", "response1", "response2", "label": 1|2, ...optional "think", "source"}
     "image" is relative to image_root (default: the file's folder). A bad row (see _check_row) is skipped and
-    counted by reason in `skipped` (a Skipped, section 9), which prints path:line; strict=True raises BadInput
-    naming path:line instead. Kept items get "where" = "path:line", for later checks such as the prompt length."""
+    counted by reason in `skipped` (a Skipped, section 9), which prints path:line; strict=True (or passing a
+    Skipped(strict=True)) raises BadInput naming path:line instead. Kept items get "where" = "path:line", for later checks such as the prompt length."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     skipped = Skipped(strict) if skipped is None else skipped

@@ -46,6 +46,7 @@ p.add_argument("--train-pairs", type=int, default=20000, help="training pairs to
 p.add_argument("--test-pairs", type=int, default=1000, help="held-out test pairs (easy-vqa: its test split; else <= 10%%)")
 p.add_argument("--image-size", type=int, default=112, help="easy-vqa's 64 px images are upscaled to this (28-px multiple)")
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--strict", action="store_true", help="--source jsonl: a bad row is an error naming file:line (default: skip and count)")
 args = p.parse_args()
 if bool(args.teacher_url) != bool(args.teacher_model):
     p.error("--teacher-url and --teacher-model go together")
@@ -123,9 +124,12 @@ def easy_vqa_split(split, n_pairs):
     return pairs, vqa
 
 
+skipped = core.Skipped(args.strict)      # bad rows of --pairs, by reason (prompt length is checked from 02 on)
+
+
 def jsonl_source(path):
-    """A user's own pair file: validated row by row (bad rows stop here, naming file and line)."""
-    items = core.load_items(path)
+    """A user's own pair file, validated row by row: bad rows are skipped and counted (--strict: an error)."""
+    items = core.load_items(path, skipped=skipped)
     pairs = []
     for it in items:
         img = save_image(it["image"], f"user_{len(pairs)}")
@@ -380,10 +384,10 @@ meta = dict(stage="01_build_data", args=vars(args), seconds=round(time.time() - 
             counts=dict(train_pairs=len(train), test_pairs=len(test), train_vqa=len(train_vqa),
                         images=len(list((out / "images").iterdir()))),
             train_label_balance=dict(Counter(r["label"] for r in train)),
-            test_label_balance=dict(Counter(r["label"] for r in test)),
+            test_label_balance=dict(Counter(r["label"] for r in test)), skipped_items=skipped,
             example=train[0] if train else None)
 if report:
     meta["report"] = report
 (out / "meta.json").write_text(json.dumps(meta, indent=2))
-print(f"wrote {out / 'meta.json'}  ({meta['seconds']} s)")
+print(f"wrote {out / 'meta.json'}  ({meta['seconds']} s); skipped input rows: {dict(skipped) or 'none'}")
 print("example:", json.dumps(train[0])[:400] if train else "none")

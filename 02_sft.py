@@ -12,7 +12,8 @@ every later stage (and vLLM) loads that folder like any hub checkpoint. Because 
 must first learn to see, the first --see-first steps train on plain VQA items only (image + question ->
 one-word answer), and every later step mixes them in (--vqa-batch-size).
 
-Reads runs/01_data; writes runs/02_sft/{init,model}/, metrics.jsonl, meta.json.
+Reads runs/01_data; writes runs/02_sft/{init,model}/, metrics.jsonl, meta.json, and resume.pt (the latest
+resumable checkpoint, every --save-every steps; `--resume` continues from it, Ctrl-C saves it and exits 0).
 """
 import argparse, json, math, random, time
 from pathlib import Path
@@ -37,6 +38,13 @@ p.add_argument("--layers", type=int, default=4, help="tiny model: text decoder l
 p.add_argument("--vocab", type=int, default=1024, help="tiny model: BPE vocabulary size")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+# reliability: resume, bad input, non-finite steps (README "What survives what")
+p.add_argument("--save-every", type=int, default=50, help="write the resumable checkpoint out/resume.pt every N steps (0 = never)")
+p.add_argument("--resume", action="store_true", help="continue from out/resume.pt: model, optimizer, schedule, RNG, step")
+p.add_argument("--strict", action="store_true", help="a bad input row is an error naming file:line (default: skip and count it)")
+p.add_argument("--max-prompt-tokens", type=int, default=2048, help="skip items whose prompt, image tokens included, is longer (0 = no limit)")
+p.add_argument("--max-bad-steps", type=int, default=5, help="stop (after saving) once this many steps in a row had a non-finite loss or grad")
+p.add_argument("--inject-nan-at", type=int, nargs="*", default=[], help=argparse.SUPPRESS)   # tests: NaN loss at these steps
 args = p.parse_args()
 random.seed(args.seed)
 torch.manual_seed(args.seed)
@@ -45,9 +53,9 @@ out.mkdir(parents=True, exist_ok=True)
 
 # ------------------------------------------------------------------------------------------ data
 data = Path(args.data)
-pairs = core.load_items(data / "train_pairs.jsonl")
-vqa = core.load_items(data / "train_vqa.jsonl", fields=core.VQA_FIELDS) if (data / "train_vqa.jsonl").exists() else []
-print(f"read {data}: {len(pairs)} pairs, {len(vqa)} VQA items")
+skipped = core.Skipped(args.strict)
+pairs = core.load_items(data / "train_pairs.jsonl", skipped=skipped)
+vqa = core.load_items(data / "train_vqa.jsonl", fields=core.VQA_FIELDS, skipped=skipped) if (data / "train_vqa.jsonl").exists() else []
 
 
 def example(item):
@@ -56,8 +64,7 @@ def example(item):
     if "label" in item:
         msgs, y = core.pair_view(item)
         return msgs, f"<think>{item.get('think', '')}</think><answer>{y}</answer>"
-    img = Image.open(item["image"]).convert("RGB")
-    return [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": item["question"]}]}], item["answer"]
+    return core.vqa_messages(item["question"], Image.open(item["image"]).convert("RGB")), item["answer"]
 
 
 # ------------------------------------------------------------------------------------------ the tiny model
@@ -110,38 +117,78 @@ def build_tiny(path):
     return str(path)
 
 
-model_path = build_tiny(out / "init") if args.model == "tiny" else args.model
+ckpt = core.load_checkpoint(out / "resume.pt", args) if args.resume else None
+model_path = (str(out / "init") if ckpt else build_tiny(out / "init")) if args.model == "tiny" else args.model
 model, processor = core.load_policy(model_path, device=args.device)
 print(f"loaded {model_path} on {args.device}")
+pairs = core.drop_long_prompts(pairs, processor, args.max_prompt_tokens, skipped)
+vqa = core.drop_long_prompts(vqa, processor, args.max_prompt_tokens, skipped)
+print(f"read {data}: {len(pairs)} pairs, {len(vqa)} VQA items; skipped {dict(skipped) or 'none'}")
+
+
+def step_items(step):
+    """The (pairs, VQA items) of one step: a pure function of (seed, step), so a resumed run sees the same data."""
+    rng = random.Random(args.seed * 1_000_003 + step)
+    n_pairs = 0 if (vqa and step <= args.see_first) else args.batch_size
+    n_vqa = min(args.vqa_batch_size + args.batch_size - n_pairs, len(vqa))
+    return rng.sample(pairs, n_pairs), rng.sample(vqa, n_vqa)
+
 
 # ------------------------------------------------------------------------------------------ train
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
 warm = max(1, int(args.warmup * args.steps))
 sched = torch.optim.lr_scheduler.LambdaLR(
     opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, args.steps - warm))))
-log = open(out / "metrics.jsonl", "w")
+start, bad_run, bad_steps, row = 0, 0, 0, {}
+if ckpt:
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    sched.load_state_dict(ckpt["sched"])
+    core.set_rng_state(ckpt["rng"])
+    start, bad_run, bad_steps = ckpt["step"], ckpt["bad_run"], ckpt["bad_steps"]
+
+
+def save(step):
+    core.save_checkpoint(out / "resume.pt", model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                         step=step, rng=core.rng_state(), bad_run=bad_run, bad_steps=bad_steps, args=vars(args))
+
+
+log = core.open_log(out / "metrics.jsonl", start if ckpt else None)
+stop = core.StopOnSigint()
 model.train()
 t0, tokens = time.time(), 0
-for step in (bar := tqdm(range(1, args.steps + 1), desc="sft")):
+for step in (bar := tqdm(range(start + 1, args.steps + 1), desc="sft", initial=start, total=args.steps)):
     # pairs and VQA items go in separate micro-batches: padding a 40-token VQA item to a 270-token pair wastes compute
-    n_pairs = 0 if (vqa and step <= args.see_first) else args.batch_size
-    n_vqa = min(args.vqa_batch_size + args.batch_size - n_pairs, len(vqa))
-    micro = [mb for mb in (random.sample(pairs, n_pairs), random.sample(vqa, n_vqa)) if mb]
+    pair_items, vqa_items = step_items(step)
+    micro = [mb for mb in (pair_items, vqa_items) if mb]
     collated = [core.collate(processor, *map(list, zip(*(example(it) for it in mb))), device=args.device) for mb in micro]
     loss = 0.0
     for batch, resp_mask in collated:      # loss = sum over the two sources of their mean token NLL, so the short
         part = -core.response_logprobs(model, batch, resp_mask).sum() / resp_mask.sum()   # VQA answers weigh as
-        part.backward()                                                                    # much as the pairs
+        if step in args.inject_nan_at:                                                     # much as the pairs
+            part = part * float("nan")
+        part.backward()
         loss += part.item()
         tokens += int(batch["attention_mask"].sum())
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    row = dict(step=step, loss=round(loss, 4), grad_norm=round(gnorm.item(), 3), lr=sched.get_last_lr()[0],
-               tokens_per_s=round(tokens / (time.time() - t0), 1))
+    gnorm, ok = core.guarded_step(model, opt, math.isfinite(loss))   # a non-finite step changes nothing ...
+    sched.step()                                                      # ... but still uses its data and LR slot
+    bad_run, bad_steps = (0 if ok else bad_run + 1), bad_steps + (not ok)
+    row = dict(step=step, loss=round(loss, 4), grad_norm=round(gnorm, 3), lr=sched.get_last_lr()[0],
+               tokens_per_s=round(tokens / (time.time() - t0), 1), skipped_step=not ok,
+               pair_ids=[it["id"] for it in pair_items], vqa_ids=[it["id"] for it in vqa_items])
     log.write(json.dumps(row) + "\n")
+    log.flush()
     bar.set_postfix(loss=f"{row['loss']:.3f}")
+    if not ok:
+        print(f"step {step}: non-finite loss {loss} or grad norm {gnorm}: skipped ({bad_run} in a row)")
+    if bad_run >= args.max_bad_steps or stop.requested or (args.save_every and step % args.save_every == 0):
+        save(step)
+    if bad_run >= args.max_bad_steps:
+        raise SystemExit(f"stopping at step {step}: {bad_run} non-finite steps in a row (--max-bad-steps). {out / 'resume.pt'} "
+                         f"holds the last good weights; find the cause, then continue with --resume.")
+    if stop.requested:
+        print(f"interrupted: saved {out / 'resume.pt'} at step {step}/{args.steps}; continue with --resume")
+        raise SystemExit(0)
     if step % 50 == 0 or step == args.steps:
         print(f"step {step:5d}/{args.steps} | loss {row['loss']:.4f} | grad {row['grad_norm']:.2f} | "
               f"lr {row['lr']:.2e} | {row['tokens_per_s']:.0f} tok/s")
@@ -149,6 +196,7 @@ for step in (bar := tqdm(range(1, args.steps + 1), desc="sft")):
 model.save_pretrained(out / "model")
 processor.save_pretrained(out / "model")
 meta = dict(stage="02_sft", args=vars(args), init=str(model_path), seconds=round(time.time() - t0, 1),
-            final_loss=row["loss"], params=sum(p.numel() for p in model.parameters()))
+            final_loss=row.get("loss"), params=sum(p.numel() for p in model.parameters()),
+            skipped_items=skipped, skipped_steps=bad_steps)
 (out / "meta.json").write_text(json.dumps(meta, indent=2))
 print(f"wrote {out / 'model'}, {out / 'metrics.jsonl'}, {out / 'meta.json'} ({meta['seconds']} s)")

@@ -34,6 +34,8 @@ p.add_argument("--vllm", action="store_true", help="generate with vLLM (GPU) ins
 p.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="vLLM: share of the GPU it may use")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+p.add_argument("--strict", action="store_true", help="a bad input row is an error naming file:line (default: skip and count it)")
+p.add_argument("--max-prompt-tokens", type=int, default=2048, help="skip items whose prompt, image tokens included, is longer (0 = no limit)")
 args = p.parse_args()
 random.seed(args.seed)
 torch.manual_seed(args.seed)
@@ -41,18 +43,22 @@ out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 t0 = time.time()
 
-items = core.load_items(args.data)
+skipped = core.Skipped(args.strict)
+items = core.load_items(args.data, skipped=skipped)
 if args.num_items and args.num_items < len(items):
     items = random.sample(items, args.num_items)
+from transformers import AutoProcessor
+items = core.drop_long_prompts(items, AutoProcessor.from_pretrained(args.model), args.max_prompt_tokens, skipped)
+if not items:                                                            # (only the sampled items: cheap)
+    raise SystemExit(f"{args.data}: no usable items (skipped: {dict(skipped)})")
 if args.vllm:
-    from transformers import AutoProcessor
     engine = core.VLLMEngine(args.model, AutoProcessor.from_pretrained(args.model), args.gpu_memory_utilization,
                              seed=args.seed)
     generate = lambda msgs: engine.sample(msgs, args.max_new_tokens, args.temperature)[1]
 else:
     model, processor = core.load_policy(args.model, device=args.device)
     generate = lambda msgs: core.sample(model.eval(), processor, msgs, args.max_new_tokens, args.temperature, args.device)[1]
-print(f"read {args.data} ({len(items)} items) and {args.model}")
+print(f"read {args.data} ({len(items)} items; skipped {dict(skipped) or 'none'}) and {args.model}")
 
 # ------------------------------------------------------------------------------------------ attempts
 difficulty = {}                                           # item index -> attempts needed (K + 1 = never)
@@ -89,7 +95,7 @@ meta = dict(stage="03_mine_hard", args=vars(args), seconds=round(time.time() - t
             kept=len(kept), difficulty_histogram={("never" if k > args.attempts else str(k)): v for k, v in sorted(hist.items())},
             first_try_accuracy=hist.get(1, 0) / len(items),
             parse_fail_rate=stats["parse_fail"] / stats["samples"], format_rate=stats["format_ok"] / stats["samples"],
-            kept_label_balance=dict(Counter(items[j]["label"] for j in kept)))
+            kept_label_balance=dict(Counter(items[j]["label"] for j in kept)), skipped_items=skipped)
 (out / "meta.json").write_text(json.dumps(meta, indent=2))
 print(json.dumps({k: v for k, v in meta.items() if k != "args"}, indent=1))
 print(f"wrote {out / 'rl_pairs.jsonl'} ({len(kept)} items), {out / 'meta.json'}")

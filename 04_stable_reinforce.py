@@ -19,9 +19,10 @@ Deliberate differences from the official code (yfzhang114/r1_reward, see README)
 One step: sample --rollout-batch responses (T = 1) -> rewards -> returns -> standardise + filter ->
 recompute old log-probs -> --rollout-batch / --train-batch optimizer steps of the clipped surrogate.
 
-Reads runs/03_hard/rl_pairs.jsonl and runs/02_sft/model; writes runs/04_rl/{model/, metrics.jsonl, meta.json}.
+Reads runs/03_hard/rl_pairs.jsonl and runs/02_sft/model; writes runs/04_rl/{model/, metrics.jsonl, meta.json} and
+resume.pt (every --save-every steps; `--resume` continues from it, Ctrl-C saves it and exits 0).
 """
-import argparse, contextlib, copy, json, os, random, time
+import argparse, contextlib, copy, json, math, os, random, time
 from pathlib import Path
 import torch
 import stable_reinforce_core as core
@@ -55,6 +56,13 @@ p.add_argument("--max-model-len", type=int, default=4096, help="vLLM: prompt + r
 p.add_argument("--vllm-eager", action="store_true", help="vLLM: no CUDA graphs / torch.compile (faster start, slower decode)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+# reliability: resume, bad input, non-finite steps (README "What survives what")
+p.add_argument("--save-every", type=int, default=5, help="write the resumable checkpoint out/resume.pt every N steps (0 = never)")
+p.add_argument("--resume", action="store_true", help="continue from out/resume.pt: model, optimizer, RNG, step")
+p.add_argument("--strict", action="store_true", help="a bad input row is an error naming file:line (default: skip and count it)")
+p.add_argument("--max-prompt-tokens", type=int, default=2048, help="skip items whose prompt, image tokens included, is longer (0 = no limit)")
+p.add_argument("--max-bad-steps", type=int, default=5, help="stop (after saving) once this many optimizer steps in a row were non-finite")
+p.add_argument("--inject-nan-at", type=int, nargs="*", default=[], help=argparse.SUPPRESS)   # tests: NaN loss in these steps
 args = p.parse_args()
 args.judge = "api" if args.judge_url else args.judge
 if args.judge == "api" and not (args.judge_url and args.judge_model):
@@ -66,9 +74,8 @@ out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 
 # ------------------------------------------------------------------------------------------ data, model, judge
-items = core.load_items(args.data)
-if not items:
-    raise SystemExit(f"{args.data} has no items: stage 3 kept nothing (try --min-difficulty 1 there)")
+bad_rows = core.Skipped(args.strict)
+items = core.load_items(args.data, skipped=bad_rows)
 engine = None
 if args.vllm:            # the engine first: its memory budget is a share of the whole GPU (STACK.md s1)
     from transformers import AutoProcessor
@@ -77,6 +84,9 @@ if args.vllm:            # the engine first: its memory budget is a share of the
     engine.sleep()
     print(f"vLLM engine started in {engine.timings['start_s']:.1f} s")
 model, processor = core.load_policy(args.model, device=args.device)
+items = core.drop_long_prompts(items, processor, args.max_prompt_tokens, bad_rows)
+if not items:
+    raise SystemExit(f"{args.data} has no usable items (skipped: {dict(bad_rows)}); did stage 3 keep any? (try --min-difficulty 1 there)")
 amp = torch.autocast("cuda", torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()
 banned = core.vision_token_ids(processor)
 ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None   # only for the KL term
@@ -84,7 +94,7 @@ opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weigh
 judge = core.RuleJudge() if args.judge == "rule" else core.APIJudge(core.ChatClient(
     args.judge_url, args.judge_model, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), timeout=args.judge_timeout,
     retries=args.judge_retries, concurrency=args.judge_concurrency, max_tokens=8), with_image=args.judge_image)
-print(f"read {args.data} ({len(items)} items), {args.model}; pre_clip={not args.no_pre_clip} "
+print(f"read {args.data} ({len(items)} items; skipped {dict(bad_rows) or 'none'}), {args.model}; pre_clip={not args.no_pre_clip} "
       f"adv_filter={not args.no_adv_filter} beta={args.beta}")
 
 
@@ -168,16 +178,17 @@ def rl_step(step):
                 logp = core.response_logprobs(model, c["batch"], c["mask"], banned, args.temperature)
             loss, st = core.stable_policy_loss(logp, c["old"], c["adv"], c["mask"], args.eps_clip,
                                                pre_clip=not args.no_pre_clip)
+            if step + 1 in args.inject_nan_at:
+                loss = loss * float("nan")
             (loss / per_step).backward()
             losses.append(loss.item())
             stats.append(st)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if torch.isfinite(gnorm):
-            opt.step()
-        else:                                                     # never let one non-finite step poison the weights
-            skipped += 1
-        opt.zero_grad(set_to_none=True)
-        gnorms.append(gnorm.item())
+        gnorm, ok = core.guarded_step(model, opt, all(map(math.isfinite, losses[-per_step:])))  # never let one
+        health["run"] = 0 if ok else health["run"] + 1                                         # non-finite step
+        health["skipped"] += not ok                                                            # poison the weights
+        health["stop"] |= health["run"] >= args.max_bad_steps
+        skipped += not ok
+        gnorms.append(gnorm)
 
     n = len(texts)
     correct = [i for i in range(n) if sc["result"][i]]
@@ -193,7 +204,9 @@ def rl_step(step):
                 response_len=mask.sum(-1).mean().item(), rollout_s=t_rollout, seconds=time.time() - t0,
                 rollout_tok_s=mask.sum().item() / t_gen, logp_delta_mean=delta.mean().item(),
                 logp_delta_max=delta.max().item(), **(engine.timings if engine else {}),
-                judge_asked=sc["judge_asked"], judge_failed=sc["judge_failed"], judge_s=t_judge)
+                judge_asked=sc["judge_asked"], judge_failed=sc["judge_failed"], judge_s=t_judge,
+                logp=sum(c["old"].sum().item() for c in chunks) / mask.sum().item(),   # mean log-prob of the samples
+                ids=[it["id"] for it in batch_items])
 
 
 # ------------------------------------------------------------------------------------------ main loop
@@ -206,9 +219,17 @@ def judge_note(m):
             + (" | JUDGE DOWN: no verdict this step, consistency 0" if down else ""))
 
 
-log = open(out / "metrics.jsonl", "w")
-t_start = time.time()
-for step in range(args.steps):
+health = dict(run=0, skipped=0, stop=False)      # non-finite optimizer steps: in a row, in total, K reached
+ckpt = core.load_checkpoint(out / "resume.pt", args) if args.resume else None
+if ckpt:
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    core.set_rng_state(ckpt["rng"])
+    health = dict(ckpt["health"], stop=False)
+log = core.open_log(out / "metrics.jsonl", ckpt["step"] if ckpt else None)
+stop = core.StopOnSigint()
+t_start, m = time.time(), {}
+for step in range(ckpt["step"] if ckpt else 0, args.steps):
     m = rl_step(step)
     log.write(json.dumps(m) + "\n")
     log.flush()
@@ -218,10 +239,20 @@ for step in range(args.steps):
           f"kl {m['kl']:.4f} | len {m['response_len']:.1f} | {m['seconds']:.1f}s"
           + (f" | dlogp {m['logp_delta_mean']:.4f}/{m['logp_delta_max']:.3f} | sync {m['sync_s']:.2f}s "
              f"wake {m['wake_s']:.2f}s sleep {m['sleep_s']:.2f}s" if engine else "") + judge_note(m), flush=True)
+    if health["stop"] or stop.requested or (args.save_every and (step + 1) % args.save_every == 0):
+        core.save_checkpoint(out / "resume.pt", model=model.state_dict(), opt=opt.state_dict(), step=step + 1,
+                             rng=core.rng_state(), health=health, args=vars(args))
+    if health["stop"]:
+        raise SystemExit(f"stopping at step {step + 1}: {health['run']} non-finite optimizer steps in a row "
+                         f"(--max-bad-steps). {out / 'resume.pt'} holds the last good weights.")
+    if stop.requested:
+        print(f"interrupted: saved {out / 'resume.pt'} at step {step + 1}/{args.steps}; continue with --resume")
+        raise SystemExit(0)
 
 model.save_pretrained(out / "model")
 processor.save_pretrained(out / "model")
 meta = dict(stage="04_stable_reinforce", args=vars(args), seconds=round(time.time() - t_start, 1),
-            rl_items=len(items), final=m, judge_stats=getattr(getattr(judge, "client", None), "stats", None))
+            rl_items=len(items), final=m, skipped_items=bad_rows, skipped_steps=health["skipped"],
+            judge_stats=getattr(getattr(judge, "client", None), "stats", None))
 (out / "meta.json").write_text(json.dumps(meta, indent=2))
 print(f"wrote {out / 'model'}, {out / 'metrics.jsonl'}, {out / 'meta.json'} ({meta['seconds']} s)")

@@ -13,11 +13,12 @@ Every stage script imports this file and nothing else from the project. It holds
   9. benchmarks and metrics (section 5.1, Tables 3-5)            -> read_benchmark, predictions, metrics
  10. rollouts through a colocated vLLM engine (GPU)             -> VLLMEngine
  11. an OpenAI-compatible chat client: the API judge (4.3) and the teacher -> ChatClient, APIJudge
+ 12. reliability: counted skipping of bad rows, atomic resumable checkpoints, non-finite-step guard, Ctrl-C
 vLLM is imported only inside VLLMEngine, so `pytest test_core.py` runs on any CPU.
 Where the official code (yfzhang114/r1_reward @ 3693413) differs from the paper, we follow the paper;
 each such place is marked "[fix Bn]" with the bug number of the README's table.
 """
-import base64, json, math, mimetypes, re, threading, time
+import argparse, base64, collections, functools, json, math, mimetypes, os, random, re, signal, threading, time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +41,11 @@ def build_messages(question, answer1, answer2, image):
     """One user turn, [image, text] -- the order the released model was evaluated with (PAPER.md s1)."""
     text = PROMPT_TEMPLATE.format(question=question, answer1=answer1, answer2=answer2)
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+
+
+def vqa_messages(question, image):
+    """A plain VQA turn (image, question), for the SFT warm-up that teaches a from-scratch model to see."""
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,34 +231,63 @@ class BadInput(ValueError):
 
 PAIR_FIELDS = ("id", "image", "question", "response1", "response2", "label")
 VQA_FIELDS = ("id", "image", "question", "answer")
+TEXT_FIELDS = ("question", "response1", "response2", "answer")     # must be non-empty strings
 
 
-def load_items(path, fields=PAIR_FIELDS, image_root=None):
+def load_items(path, fields=PAIR_FIELDS, image_root=None, strict=False, skipped=None):
     """Read a JSONL file of items, e.g. a pair file, one item per line:
         {"id", "image", "question", "response1", "response2", "label": 1|2, ...optional "think", "source"}
-    "image" is relative to image_root (default: the file's folder). Any malformed line, missing field or
-    image, or label outside {1, 2} raises BadInput naming path:line -- nothing is skipped silently."""
+    "image" is relative to image_root (default: the file's folder). A bad row (see _check_row) is skipped and
+    counted by reason in `skipped` (a Skipped, section 9), which prints path:line; strict=True (or passing a
+    Skipped(strict=True)) raises BadInput naming path:line instead. Kept items get "where" = "path:line", for later checks such as the prompt length."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
+    skipped = Skipped(strict) if skipped is None else skipped
     items = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadInput(f"{where}: malformed JSON ({e.msg})") from None
-        missing = [k for k in fields if k not in row] if isinstance(row, dict) else list(fields)
-        if missing:
-            raise BadInput(f"{where}: missing field(s) {missing}")
-        if "label" in fields and (type(row["label"]) is not int or row["label"] not in (1, 2)):
-            raise BadInput(f"{where}: label must be 1 or 2, got {row['label']!r}")
-        row["image"] = str(root / row["image"])
-        if not Path(row["image"]).is_file():
-            raise BadInput(f"{where}: image not found: {row['image']}")
-        items.append(row)
+        row, reason, detail = _check_row(line, fields, root)
+        if row is None:
+            skipped.add(f"{path}:{n}", reason, detail)
+        else:
+            items.append(dict(row, where=f"{path}:{n}"))
     return items
+
+
+def _check_row(line, fields, root):
+    """(row, None, None) for a good line, else (None, reason, detail): malformed JSON, a missing field, a label
+    outside {1, 2}, an empty question/response/answer, a missing or undecodable image."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, "malformed_json", f"malformed JSON ({e.msg})"
+    missing = [k for k in fields if k not in row] if isinstance(row, dict) else list(fields)
+    if missing:
+        return None, "missing_field", f"missing field(s) {missing}"
+    if "label" in fields and (type(row["label"]) is not int or row["label"] not in (1, 2)):
+        return None, "bad_label", f"label must be 1 or 2, got {row['label']!r}"
+    empty = [k for k in TEXT_FIELDS if k in fields and not (isinstance(row[k], str) and row[k].strip())]
+    if empty:
+        return None, "empty_text", f"empty field(s) {empty}"
+    image = root / row["image"] if isinstance(row["image"], str) and row["image"] else None
+    if image is None or not image.is_file():
+        return None, "missing_image", f"image not found: {image or row['image']!r}"
+    if not image_decodes(str(image)):
+        return None, "corrupt_image", f"image cannot be decoded: {image}"
+    return dict(row, image=str(image)), None, None
+
+
+@functools.lru_cache(maxsize=None)
+def image_decodes(path):
+    """True iff PIL fully decodes the image (garbage or a cut PNG -> False). Cached: pairs share images."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:      # PIL raises OSError, SyntaxError, ValueError, ... depending on the format
+        return False
 
 
 def pair_view(item, swap=False):
@@ -761,3 +796,123 @@ class APIJudge:
             text = JUDGE_PROMPT.format(question=question, reasoning=reasoning.strip(), choice=choice)
             return lambda: user_turn(text, image[0] if self.with_image and image else None)
         return self.client.map([job(it) for it in items], parse_judge_reply)
+
+
+# 12. Reliability (not paper math): counted skipping of bad input, atomic resumable checkpoints with RNG
+#    state, optimizer steps that skip a non-finite loss or gradient, and a Ctrl-C that saves first.
+class Skipped(collections.Counter):
+    """Bad input items counted by reason: malformed_json, missing_field, bad_label, empty_text, missing_image,
+    corrupt_image, prompt_too_long. add() prints the first 20 with path:line; strict=True raises BadInput
+    with the same message instead. Stages write it into their meta.json."""
+    def __init__(self, strict=False):
+        super().__init__()
+        self.strict = strict
+
+    def add(self, where, reason, detail):
+        if self.strict:
+            raise BadInput(f"{where}: {detail}")
+        self[reason] += 1
+        if self.total() <= 20:
+            print(f"skipped {where}: {detail}" + (" (further skips are only counted)" if self.total() == 20 else ""))
+
+
+def drop_long_prompts(items, processor, max_tokens, skipped):
+    """Keep the items whose prompt has at most max_tokens tokens as the processor builds it: chat template, and
+    the image placeholder expanded to the image's tokens (16 for 112 px). Pairs get the Table 1 prompt, VQA
+    items vqa_messages; the rest count as "prompt_too_long". Reads image headers only. max_tokens=0: no limit."""
+    from PIL import Image
+    if not max_tokens:
+        return items
+    texts, sizes = [], []
+    for it in items:
+        with Image.open(it["image"]) as im:               # lazy: the header, not the pixels
+            msgs = (build_messages(it["question"], it["response1"], it["response2"], im) if "response1" in it
+                    else vqa_messages(it["question"], im))
+            texts.append(processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+            sizes.append(im.size[::-1])                     # (height, width)
+    n_image = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens   # vLLM relies on it too
+    n_text = [len(ids) - 1 for ids in processor.tokenizer(texts)["input_ids"]]          # minus the placeholder
+    kept = []
+    for it, n in zip(items, map(sum, zip(n_text, n_image))):
+        if n <= max_tokens:
+            kept.append(it)
+        else:
+            skipped.add(it["where"], "prompt_too_long", f"prompt has {n} tokens > --max-prompt-tokens {max_tokens}")
+    return kept
+
+
+def rng_state():
+    """Python, torch and (if present) CUDA RNG states; set_rng_state(rng_state()) makes a resumed run draw the same."""
+    return dict(python=random.getstate(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, **state):
+    """torch.save(state) atomically: into path + ".tmp", fsync, os.replace onto path, fsync the folder. A crash
+    mid-save leaves a partial .tmp (never read) and the previous checkpoint intact."""
+    path, tmp = Path(path), Path(f"{path}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    os.fsync(fd)                                            # make the rename itself durable
+    os.close(fd)
+
+
+def load_checkpoint(path, args=None):
+    """The state saved by save_checkpoint, or None if there is none; prints the flags that differ from args'."""
+    if not Path(path).is_file():
+        print(f"--resume: no checkpoint at {path}, starting from step 0")
+        return None
+    state = torch.load(path, weights_only=False)            # our own file; it holds Python objects (RNG state)
+    changed = {k: v for k, v in vars(args or argparse.Namespace()).items()
+               if k != "resume" and state.get("args", {}).get(k, v) != v}
+    print(f"resumed from {path} at step {state['step']}" + (f"; flags changed since: {changed}" if changed else ""))
+    return state
+
+
+def open_log(path, resume_step=None):
+    """The metrics log (JSON rows with a "step"), opened for appending. On resume, the rows after resume_step
+    (those steps run again) and a line cut by a kill are dropped; otherwise the log starts empty."""
+    keep = []
+    for line in Path(path).read_text().splitlines() if resume_step is not None and Path(path).exists() else []:
+        try:
+            keep += [line + "\n"] if json.loads(line)["step"] <= resume_step else []
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    Path(path).write_text("".join(keep))
+    return open(path, "a")
+
+
+def guarded_step(model, opt, loss_ok, max_norm=1.0):
+    """Clip the gradient norm and step the optimizer only if the loss (loss_ok) and the norm are finite, then zero
+    the gradients. A skipped step leaves weights and optimizer state bit-identical. -> (grad norm, stepped)."""
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    ok = bool(loss_ok) and bool(torch.isfinite(gnorm))
+    if ok:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return gnorm.item(), ok
+
+
+class StopOnSigint:
+    """The first Ctrl-C (SIGINT) only sets .requested: the loop finishes its step, saves and exits 0.
+    A second Ctrl-C raises KeyboardInterrupt as usual."""
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", flush=True)

@@ -67,11 +67,15 @@ args = p.parse_args()
 args.judge = "api" if args.judge_url else args.judge
 if args.judge == "api" and not (args.judge_url and args.judge_model):
     p.error("--judge api needs --judge-url and --judge-model")
-assert args.rollout_batch % args.train_batch == 0 and args.train_batch % args.micro_batch == 0, "batch sizes must divide"
+rank, world, args.device = core.init_distributed(args.device)     # torchrun: one process per GPU, else (0, 1)
+main = rank == 0
+assert args.rollout_batch % args.train_batch == 0 and args.train_batch % (world * args.micro_batch) == 0, \
+    "batch sizes must divide: rollout-batch by train-batch, train-batch by (GPUs x micro-batch)"
 random.seed(args.seed)
-torch.manual_seed(args.seed)
+torch.manual_seed(args.seed + rank)                                 # each rank samples its own rollouts
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
+log_print = print if main else (lambda *a, **k: None)
 
 # ------------------------------------------------------------------------------------------ data, model, judge
 bad_rows = core.Skipped(args.strict)
@@ -80,9 +84,9 @@ engine = None
 if args.vllm:            # the engine first: its memory budget is a share of the whole GPU (STACK.md s1)
     from transformers import AutoProcessor
     engine = core.VLLMEngine(args.model, AutoProcessor.from_pretrained(args.model), args.gpu_memory_utilization,
-                             args.max_model_len, args.seed, eager=args.vllm_eager)
+                             args.max_model_len, args.seed + rank, eager=args.vllm_eager)
     engine.sleep()
-    print(f"vLLM engine started in {engine.timings['start_s']:.1f} s")
+    log_print(f"vLLM engine started in {engine.timings['start_s']:.1f} s")
 model, processor = core.load_policy(args.model, device=args.device)
 items = core.drop_long_prompts(items, processor, args.max_prompt_tokens, bad_rows)
 if not items:
@@ -90,11 +94,14 @@ if not items:
 amp = torch.autocast("cuda", torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()
 banned = core.vision_token_ids(processor)
 ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None   # only for the KL term
+if world > 1:                                   # FSDP2: fp32 master shards, bf16 compute on GPUs (STACK.md s10)
+    for m_ in filter(None, (model, ref_model)):
+        core.fsdp2(m_, bf16=args.device.startswith("cuda"))
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
 judge = core.RuleJudge() if args.judge == "rule" else core.APIJudge(core.ChatClient(
     args.judge_url, args.judge_model, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), timeout=args.judge_timeout,
     retries=args.judge_retries, concurrency=args.judge_concurrency, max_tokens=8), with_image=args.judge_image)
-print(f"read {args.data} ({len(items)} items; skipped {dict(bad_rows) or 'none'}), {args.model}; pre_clip={not args.no_pre_clip} "
+log_print(f"{world} process(es); read {args.data} ({len(items)} items; skipped {dict(bad_rows) or 'none'}), {args.model}; pre_clip={not args.no_pre_clip} "
       f"adv_filter={not args.no_adv_filter} beta={args.beta}")
 
 
@@ -118,7 +125,7 @@ def pad_cat(tensors, value=0.0):
 # ------------------------------------------------------------------------------------------ one StableReinforce step
 def rl_step(step):
     t0 = time.time()
-    batch_items = prompts(step)
+    batch_items = prompts(step)[rank::world]                        # this rank's share of the rollout batch
     views = [core.pair_view(it) for it in batch_items]
     msgs, labels = [v[0] for v in views], [v[1] for v in views]
 
@@ -163,14 +170,15 @@ def rl_step(step):
     mask = pad_cat([c["mask"] for c in chunks]).float().cpu()
     kl = pad_cat([c["kl"] for c in chunks]).cpu() if ref_model else None
     returns = core.reinforce_returns(rewards, mask, kl, args.beta)
-    adv, filtered = core.standardize_and_filter(returns, mask, enabled=not args.no_adv_filter)
+    adv, filtered = core.standardize_and_filter(returns, mask, enabled=not args.no_adv_filter,
+                                                all_reduce=core.all_reduce_)      # statistics over all ranks
     for j, c in enumerate(chunks):
         rows = slice(j * args.micro_batch, j * args.micro_batch + c["mask"].shape[0])
         c["adv"] = adv[rows, :c["mask"].shape[1]].to(args.device)
 
     # 5. policy update: --rollout-batch / --train-batch optimizer steps, pre-clipped PPO surrogate [SR-1]
     model.train()
-    per_step = args.train_batch // args.micro_batch
+    per_step = args.train_batch // (world * args.micro_batch)         # micro-batches per optimizer step, per rank
     losses, stats, gnorms, skipped = [], [], [], 0
     for s in range(0, len(chunks), per_step):
         for c in chunks[s:s + per_step]:
@@ -219,40 +227,68 @@ def judge_note(m):
             + (" | JUDGE DOWN: no verdict this step, consistency 0" if down else ""))
 
 
+def merge(rows):
+    """One metrics row from every rank's: the mean of each number (the max of maxima, the sum of judge counts),
+    the ranks' item ids together, and whether all ranks ran the same step."""
+    m = dict(rows[0], ids=[i for r in rows for i in r["ids"]], ranks_in_step=len({r["step"] for r in rows}) == 1)
+    for k, v in rows[0].items():
+        if k.startswith("judge_"):
+            m[k] = sum(r[k] for r in rows)
+        elif isinstance(v, float):
+            m[k] = (max if "max" in k or k == "grad_norm" else lambda xs: sum(xs) / len(xs))([r[k] for r in rows])
+    return m
+
+
+def save_resume(step):
+    """resume.pt (rank 0 writes; under FSDP2 the shards are gathered first, and every rank's RNG state kept)."""
+    model_state, opt_state = core.full_state(model, opt)
+    rng = core.all_gather(core.rng_state())
+    if main:
+        core.save_checkpoint(out / "resume.pt", model=model_state, opt=opt_state, step=step, rng=rng,
+                             health=health, args=vars(args))
+
+
 health = dict(run=0, skipped=0, stop=False)      # non-finite optimizer steps: in a row, in total, K reached
 ckpt = core.load_checkpoint(out / "resume.pt", args) if args.resume else None
 if ckpt:
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
-    core.set_rng_state(ckpt["rng"])
+    core.load_full_state(model, opt, ckpt["model"], ckpt["opt"])
+    core.set_rng_state(ckpt["rng"][rank])
     health = dict(ckpt["health"], stop=False)
-log = core.open_log(out / "metrics.jsonl", ckpt["step"] if ckpt else None)
+log = core.open_log(out / "metrics.jsonl", ckpt["step"] if ckpt else None) if main else None
 stop = core.StopOnSigint()
 t_start, m = time.time(), {}
 for step in range(ckpt["step"] if ckpt else 0, args.steps):
-    m = rl_step(step)
-    log.write(json.dumps(m) + "\n")
-    log.flush()
-    print(f"step {m['step']:4d}/{args.steps} | reward {m['reward']:.3f} | acc {m['accuracy']:.3f} | "
+    m = merge(core.all_gather(rl_step(step)))
+    stop.requested = bool(core.all_reduce_(torch.tensor([float(stop.requested)]), "max"))   # all ranks stop together
+    if main:
+        log.write(json.dumps(m) + "\n")
+        log.flush()
+    log_print(f"step {m['step']:4d}/{args.steps} | reward {m['reward']:.3f} | acc {m['accuracy']:.3f} | "
           f"fmt {m['format_rate']:.2f} | cons {m['consistency_rate']:.2f} | filt {m['filtered_frac']:.3f} | "
           f"preclip {m['preclip_frac']:.4f} | clip {m['clip_frac']:.3f} | loss {m['policy_loss']:+.4f} | "
           f"kl {m['kl']:.4f} | len {m['response_len']:.1f} | {m['seconds']:.1f}s"
           + (f" | dlogp {m['logp_delta_mean']:.4f}/{m['logp_delta_max']:.3f} | sync {m['sync_s']:.2f}s "
-             f"wake {m['wake_s']:.2f}s sleep {m['sleep_s']:.2f}s" if engine else "") + judge_note(m), flush=True)
+             f"wake {m['wake_s']:.2f}s sleep {m['sleep_s']:.2f}s" if engine else "") + judge_note(m)
+          + (f" | {world} ranks in step: {m['ranks_in_step']}" if world > 1 else ""), flush=True)
     if health["stop"] or stop.requested or (args.save_every and (step + 1) % args.save_every == 0):
-        core.save_checkpoint(out / "resume.pt", model=model.state_dict(), opt=opt.state_dict(), step=step + 1,
-                             rng=core.rng_state(), health=health, args=vars(args))
+        save_resume(step + 1)
     if health["stop"]:
         raise SystemExit(f"stopping at step {step + 1}: {health['run']} non-finite optimizer steps in a row "
                          f"(--max-bad-steps). {out / 'resume.pt'} holds the last good weights.")
     if stop.requested:
-        print(f"interrupted: saved {out / 'resume.pt'} at step {step + 1}/{args.steps}; continue with --resume")
+        log_print(f"interrupted: saved {out / 'resume.pt'} at step {step + 1}/{args.steps}; continue with --resume")
         raise SystemExit(0)
 
-model.save_pretrained(out / "model")
-processor.save_pretrained(out / "model")
-meta = dict(stage="04_stable_reinforce", args=vars(args), seconds=round(time.time() - t_start, 1),
-            rl_items=len(items), final=m, skipped_items=bad_rows, skipped_steps=health["skipped"],
-            judge_stats=getattr(getattr(judge, "client", None), "stats", None))
-(out / "meta.json").write_text(json.dumps(meta, indent=2))
-print(f"wrote {out / 'model'}, {out / 'metrics.jsonl'}, {out / 'meta.json'} ({meta['seconds']} s)")
+final_state, _ = core.full_state(model)                  # under FSDP2: gathered to rank 0
+if main:
+    plain = model if world == 1 else core.load_policy(args.model)[0]   # an unsharded copy to save from
+    plain.load_state_dict(final_state)
+    plain.save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
+    meta = dict(stage="04_stable_reinforce", args=vars(args), world_size=world, seconds=round(time.time() - t_start, 1),
+                rl_items=len(items), final=m, skipped_items=bad_rows, skipped_steps=health["skipped"],
+                judge_stats=getattr(getattr(judge, "client", None), "stats", None))
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    print(f"wrote {out / 'model'}, {out / 'metrics.jsonl'}, {out / 'meta.json'} ({meta['seconds']} s)")
+if world > 1:
+    torch.distributed.destroy_process_group()

@@ -14,6 +14,7 @@ Every stage script imports this file and nothing else from the project. It holds
  10. rollouts through a colocated vLLM engine (GPU)             -> VLLMEngine
  11. an OpenAI-compatible chat client: the API judge (4.3) and the teacher -> ChatClient, APIJudge
  12. reliability: counted skipping of bad rows, atomic resumable checkpoints, non-finite-step guard, Ctrl-C
+ 13. data parallelism under torchrun: process group, FSDP2, reductions over ranks
 vLLM is imported only inside VLLMEngine, so `pytest test_core.py` runs on any CPU.
 Where the official code (yfzhang114/r1_reward @ 3693413) differs from the paper, we follow the paper;
 each such place is marked "[fix Bn]" with the bug number of the README's table.
@@ -361,7 +362,8 @@ def sample(model, processor, messages, max_new_tokens, temperature=1.0, device="
     batch, _ = collate(processor, messages, device=device)
     tok = processor.tokenizer
     kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+    synced = torch.distributed.is_available() and torch.distributed.is_initialized()   # FSDP: ranks decode in lockstep
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, synced_gpus=synced,
                          pad_token_id=tok.pad_token_id, suppress_tokens=vision_token_ids(processor), **kw)
     ids, texts = [], []
     for row in out[:, batch["input_ids"].shape[1]:].tolist():
@@ -897,7 +899,9 @@ def guarded_step(model, opt, loss_ok, max_norm=1.0):
     """Clip the gradient norm and step the optimizer only if the loss (loss_ok) and the norm are finite, then zero
     the gradients. A skipped step leaves weights and optimizer state bit-identical. -> (grad norm, stepped)."""
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    ok = bool(loss_ok) and bool(torch.isfinite(gnorm))
+    gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm      # FSDP2: a DTensor, global norm
+    flag = torch.tensor([float(bool(loss_ok) and bool(torch.isfinite(gnorm)))])
+    ok = bool(all_reduce_(flag, "min"))                                           # every rank steps, or none
     if ok:
         opt.step()
     opt.zero_grad(set_to_none=True)
@@ -916,3 +920,75 @@ class StopOnSigint:
             raise KeyboardInterrupt
         self.requested = True
         print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. Data parallelism under torchrun (not paper math). One process per GPU: each rank rolls out and trains on
+#    its share of every batch, FSDP2 shards the weights, gradients and optimizer state. A plain `python` run
+#    is world size 1 and none of this applies.
+def init_distributed(device):
+    """-> (rank, world size, device). Under torchrun (WORLD_SIZE > 1): bind this rank's GPU and start the
+    process group, NCCL on GPUs or gloo on CPUs. Otherwise (0, 1, device) and no process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    local = int(os.environ["LOCAL_RANK"])
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
+    return torch.distributed.get_rank(), world, device
+
+
+def fsdp2(model, bf16=True):
+    """FSDP2 (STACK.md s10): fully_shard every decoder layer and vision block (model._no_split_modules), then
+    the root. The sharded parameters stay fp32 (the master weights AdamW updates); with bf16=True they are
+    gathered in bf16 for compute and gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
+    for m in model.modules():
+        if type(m).__name__ in model._no_split_modules:
+            fully_shard(m, mp_policy=mp)
+    return fully_shard(model, mp_policy=mp)
+
+
+def all_reduce_(t, op="sum"):
+    """In place, over all ranks, on a CPU tensor ("sum", "min" or "max"); a no-op without a process group.
+    NCCL reduces only GPU tensors, so the value travels through the GPU there."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    x = t.cuda() if dist.get_backend() == "nccl" else t
+    dist.all_reduce(x, op=dict(sum=dist.ReduceOp.SUM, min=dist.ReduceOp.MIN, max=dist.ReduceOp.MAX)[op])
+    return t.copy_(x)
+
+
+def all_gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] (picklable objects); [obj] without a process group."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def full_state(model, opt=None):
+    """Full (unsharded) state dicts on CPU: (model, optimizer) for checkpoints and save_pretrained. A collective
+    under FSDP2 (rank 0 receives them, the other ranks get empty dicts); plain state_dict()s otherwise."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return model.state_dict(), (opt.state_dict() if opt else None)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, get_model_state_dict
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, opt, options=o) if opt else (get_model_state_dict(model, options=o), None)
+
+
+def load_full_state(model, opt, model_state, opt_state):
+    """The inverse of full_state: every rank passes the full dicts and keeps its own shards."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        model.load_state_dict(model_state)
+        return opt.load_state_dict(opt_state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=opt_state,
+                   options=StateDictOptions(full_state_dict=True))

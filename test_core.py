@@ -1577,3 +1577,22 @@ def test_stage4_stops_after_k_non_finite_steps_with_usable_checkpoint(sft_ref, r
     ck = torch.load(out / "resume.pt", weights_only=False)
     assert ck["step"] == 2 and ck["opt"]["state"] == {} and [r["skipped_steps"] for r in rows(out)] == [1, 1]
     assert same_state(weights_of(sft_ref / "model"), ck["model"])
+
+
+def test_stage4_torchrun_two_ranks_fsdp2_and_resume(sft_ref, rl):
+    """STAGE SUBPROCESS. `torchrun --standalone --nproc_per_node=2` on CPU (gloo + FSDP2): two steps, then --resume to
+    three. Every step reports its ranks in step, each step trains on the same items as the one-process run (split
+    between the ranks), the losses are finite, and the saved model loads with the original keys."""
+    out = sft_ref.parent / "rl_two_ranks"
+    args = [*rl["data"], "--out", out, *RL[2:], "--micro-batch", "1"]       # same batches as rl["ref"], 1 per rank
+    for extra in (["--steps", "2"], ["--steps", "3", "--resume"]):
+        env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(REPO / "04_stable_reinforce.py"), *map(str, args + extra)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    got, ref = rows(out), rows(rl["ref"])[:3]
+    assert [g["step"] for g in got] == [1, 2, 3] and all(g["ranks_in_step"] for g in got)
+    assert [sorted(g["ids"]) for g in got] == [sorted(r["ids"]) for r in ref]
+    assert all(math.isfinite(g["policy_loss"]) for g in got)
+    assert weights_of(out / "model").keys() == weights_of(sft_ref / "model").keys()

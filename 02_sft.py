@@ -46,6 +46,9 @@ p.add_argument("--max-prompt-tokens", type=int, default=2048, help="skip items w
 p.add_argument("--max-bad-steps", type=int, default=5, help="stop (after saving) once this many steps in a row had a non-finite loss or grad")
 p.add_argument("--inject-nan-at", type=int, nargs="*", default=[], help=argparse.SUPPRESS)   # tests: NaN loss at these steps
 args = p.parse_args()
+rank, world, args.device = core.init_distributed(args.device)     # torchrun: one process per GPU, else (0, 1)
+main = rank == 0
+assert args.batch_size % world == 0 and args.vqa_batch_size % world == 0, "batch sizes must divide by the GPU count"
 random.seed(args.seed)
 torch.manual_seed(args.seed)
 out = Path(args.out)
@@ -118,9 +121,13 @@ def build_tiny(path):
 
 
 ckpt = core.load_checkpoint(out / "resume.pt", args) if args.resume else None
-model_path = (str(out / "init") if ckpt else build_tiny(out / "init")) if args.model == "tiny" else args.model
+model_path = (str(out / "init") if ckpt or not main else build_tiny(out / "init")) if args.model == "tiny" else args.model
+if world > 1:
+    torch.distributed.barrier()                                   # rank 0 has built the tiny model by now
 model, processor = core.load_policy(model_path, device=args.device)
-print(f"loaded {model_path} on {args.device}")
+if world > 1:                                   # FSDP2: fp32 master shards, bf16 compute on GPUs (STACK.md s10)
+    core.fsdp2(model, bf16=args.device.startswith("cuda"))
+print(f"rank {rank}/{world}: loaded {model_path} on {args.device}")
 pairs = core.drop_long_prompts(pairs, processor, args.max_prompt_tokens, skipped)
 vqa = core.drop_long_prompts(vqa, processor, args.max_prompt_tokens, skipped)
 print(f"read {data}: {len(pairs)} pairs, {len(vqa)} VQA items; skipped {dict(skipped) or 'none'}")
@@ -131,7 +138,7 @@ def step_items(step):
     rng = random.Random(args.seed * 1_000_003 + step)
     n_pairs = 0 if (vqa and step <= args.see_first) else args.batch_size
     n_vqa = min(args.vqa_batch_size + args.batch_size - n_pairs, len(vqa))
-    return rng.sample(pairs, n_pairs), rng.sample(vqa, n_vqa)
+    return rng.sample(pairs, n_pairs)[rank::world], rng.sample(vqa, n_vqa)[rank::world]   # this rank's share
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -141,23 +148,26 @@ sched = torch.optim.lr_scheduler.LambdaLR(
     opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, args.steps - warm))))
 start, bad_run, bad_steps, row = 0, 0, 0, {}
 if ckpt:
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
+    core.load_full_state(model, opt, ckpt["model"], ckpt["opt"])
     sched.load_state_dict(ckpt["sched"])
-    core.set_rng_state(ckpt["rng"])
+    core.set_rng_state(ckpt["rng"][rank])
     start, bad_run, bad_steps = ckpt["step"], ckpt["bad_run"], ckpt["bad_steps"]
 
 
 def save(step):
-    core.save_checkpoint(out / "resume.pt", model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                         step=step, rng=core.rng_state(), bad_run=bad_run, bad_steps=bad_steps, args=vars(args))
+    """resume.pt (rank 0 writes; under FSDP2 the shards are gathered first, and every rank's RNG state kept)."""
+    model_state, opt_state = core.full_state(model, opt)
+    rng = core.all_gather(core.rng_state())
+    if main:
+        core.save_checkpoint(out / "resume.pt", model=model_state, opt=opt_state, sched=sched.state_dict(),
+                             step=step, rng=rng, bad_run=bad_run, bad_steps=bad_steps, args=vars(args))
 
 
-log = core.open_log(out / "metrics.jsonl", start if ckpt else None)
+log = core.open_log(out / "metrics.jsonl", start if ckpt else None) if main else None
 stop = core.StopOnSigint()
 model.train()
 t0, tokens = time.time(), 0
-for step in (bar := tqdm(range(start + 1, args.steps + 1), desc="sft", initial=start, total=args.steps)):
+for step in (bar := tqdm(range(start + 1, args.steps + 1), desc="sft", initial=start, total=args.steps, disable=not main)):
     # pairs and VQA items go in separate micro-batches: padding a 40-token VQA item to a 270-token pair wastes compute
     pair_items, vqa_items = step_items(step)
     micro = [mb for mb in (pair_items, vqa_items) if mb]
@@ -170,14 +180,18 @@ for step in (bar := tqdm(range(start + 1, args.steps + 1), desc="sft", initial=s
         part.backward()
         loss += part.item()
         tokens += int(batch["attention_mask"].sum())
+    loss = core.all_reduce_(torch.tensor([loss]), "sum").item() / world   # the mean over ranks, for the log
     gnorm, ok = core.guarded_step(model, opt, math.isfinite(loss))   # a non-finite step changes nothing ...
     sched.step()                                                      # ... but still uses its data and LR slot
     bad_run, bad_steps = (0 if ok else bad_run + 1), bad_steps + (not ok)
     row = dict(step=step, loss=round(loss, 4), grad_norm=round(gnorm, 3), lr=sched.get_last_lr()[0],
                tokens_per_s=round(tokens / (time.time() - t0), 1), skipped_step=not ok,
-               pair_ids=[it["id"] for it in pair_items], vqa_ids=[it["id"] for it in vqa_items])
-    log.write(json.dumps(row) + "\n")
-    log.flush()
+               pair_ids=[i for r in core.all_gather([it["id"] for it in pair_items]) for i in r],
+               vqa_ids=[i for r in core.all_gather([it["id"] for it in vqa_items]) for i in r])
+    stop.requested = bool(core.all_reduce_(torch.tensor([float(stop.requested)]), "max"))   # all ranks stop together
+    if main:
+        log.write(json.dumps(row) + "\n")
+        log.flush()
     bar.set_postfix(loss=f"{row['loss']:.3f}")
     if not ok:
         print(f"step {step}: non-finite loss {loss} or grad norm {gnorm}: skipped ({bad_run} in a row)")
@@ -189,14 +203,20 @@ for step in (bar := tqdm(range(start + 1, args.steps + 1), desc="sft", initial=s
     if stop.requested:
         print(f"interrupted: saved {out / 'resume.pt'} at step {step}/{args.steps}; continue with --resume")
         raise SystemExit(0)
-    if step % 50 == 0 or step == args.steps:
+    if main and (step % 50 == 0 or step == args.steps):
         print(f"step {step:5d}/{args.steps} | loss {row['loss']:.4f} | grad {row['grad_norm']:.2f} | "
               f"lr {row['lr']:.2e} | {row['tokens_per_s']:.0f} tok/s")
 
-model.save_pretrained(out / "model")
-processor.save_pretrained(out / "model")
-meta = dict(stage="02_sft", args=vars(args), init=str(model_path), seconds=round(time.time() - t0, 1),
-            final_loss=row.get("loss"), params=sum(p.numel() for p in model.parameters()),
-            skipped_items=skipped, skipped_steps=bad_steps)
-(out / "meta.json").write_text(json.dumps(meta, indent=2))
-print(f"wrote {out / 'model'}, {out / 'metrics.jsonl'}, {out / 'meta.json'} ({meta['seconds']} s)")
+final_state, _ = core.full_state(model)                  # under FSDP2: gathered to rank 0
+if main:
+    plain = model if world == 1 else core.load_policy(model_path)[0]   # an unsharded copy to save from
+    plain.load_state_dict(final_state)
+    plain.save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
+    meta = dict(stage="02_sft", args=vars(args), world_size=world, init=str(model_path), seconds=round(time.time() - t0, 1),
+                final_loss=row.get("loss"), params=sum(p.numel() for p in plain.parameters()),
+                skipped_items=skipped, skipped_steps=bad_steps)
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    print(f"wrote {out / 'model'}, {out / 'metrics.jsonl'}, {out / 'meta.json'} ({meta['seconds']} s)")
+if world > 1:
+    torch.distributed.destroy_process_group()

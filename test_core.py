@@ -1596,3 +1596,22 @@ def test_stage4_torchrun_two_ranks_fsdp2_and_resume(sft_ref, rl):
     assert [sorted(g["ids"]) for g in got] == [sorted(r["ids"]) for r in ref]
     assert all(math.isfinite(g["policy_loss"]) for g in got)
     assert weights_of(out / "model").keys() == weights_of(sft_ref / "model").keys()
+
+
+def test_stage2_torchrun_two_ranks_fsdp2_matches_one_process(tiny, sft_ref):
+    """STAGE SUBPROCESS. SFT under `torchrun --standalone --nproc_per_node=2` (gloo + FSDP2) on the same data and
+    flags as the one-process run: the same items every step (split between the ranks), the same first-step loss
+    (same weights; the logged loss is the mean of the two ranks' mean losses), and the NaN injected at step 3
+    skipped on both ranks."""
+    out = sft_ref.parent / "sft_two_ranks"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(REPO / "02_sft.py"), "--data", str(tiny), "--out", str(out), *SFT, "--inject-nan-at", "3"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    got, ref = rows(out), rows(sft_ref)
+    assert [g["step"] for g in got] == list(range(1, 9))
+    assert [(sorted(g["pair_ids"]), sorted(g["vqa_ids"])) for g in got] == \
+        [(sorted(f["pair_ids"]), sorted(f["vqa_ids"])) for f in ref]
+    assert [g["skipped_step"] for g in got] == [f["skipped_step"] for f in ref] == [False, False, True] + [False] * 5
+    assert got[0]["loss"] == pytest.approx(ref[0]["loss"], abs=2e-4)

@@ -3,7 +3,7 @@ Stage 2: cold-start SFT (R1-Reward section 4.2): teach the format and the task w
 
     python 02_sft.py                                        # tiny random Qwen2.5-VL, CPU-sized
     python 02_sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --lr 1e-5 --see-first 0 --vqa-batch-size 0 --batch-size 8
-    (paper: 1 epoch, lr 1e-5, batch 256 on 4 GPUs; multi-GPU FSDP2 is not in this script yet)
+    torchrun --nproc_per_node=4 02_sft.py --model ... (FSDP2; paper: 1 epoch, lr 1e-5, batch 256 on 4 GPUs)
 
 Target: "<think>{teacher reasoning}</think><answer>{label}</answer>" after the Table 1 prompt, with the
 loss on the assistant turn only. With --model tiny (the default) we build a small Qwen2.5-VL with random

@@ -4,6 +4,7 @@ Stage 4: StableReinforce (R1-Reward section 4.1, Algorithm 1) on the hard items 
     python 04_stable_reinforce.py                                  # StableReinforce, tiny defaults
     python 04_stable_reinforce.py --no-pre-clip --no-adv-filter    # plain Reinforce++ (the ablation baseline)
     python 04_stable_reinforce.py --judge-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-VL-7B-Instruct
+    torchrun --nproc_per_node=8 04_stable_reinforce.py --vllm --grad-ckpt ...   # FSDP2, one vLLM engine per GPU
 
 StableReinforce = Reinforce++ (one sample per prompt, no critic, A_t = return-to-go, global batch
 normalisation, PPO-clipped surrogate) plus three changes. Grep for the tags:
@@ -54,6 +55,8 @@ p.add_argument("--vllm", action="store_true", help="roll out with a colocated vL
 p.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="vLLM: share of the GPU for its weights + KV cache")
 p.add_argument("--max-model-len", type=int, default=4096, help="vLLM: prompt + response token budget")
 p.add_argument("--vllm-eager", action="store_true", help="vLLM: no CUDA graphs / torch.compile (faster start, slower decode)")
+p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (decoder layers and vision blocks)")
+p.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default: 989 on H100/H200, bf16 dense)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 # reliability: resume, bad input, non-finite steps (README "What survives what")
@@ -94,6 +97,8 @@ if not items:
 amp = torch.autocast("cuda", torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()
 banned = core.vision_token_ids(processor)
 ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None   # only for the KL term
+if args.grad_ckpt:
+    model.gradient_checkpointing_enable({"use_reentrant": False})
 if world > 1:                                   # FSDP2: fp32 master shards, bf16 compute on GPUs (STACK.md s10)
     for m_ in filter(None, (model, ref_model)):
         core.fsdp2(m_, bf16=args.device.startswith("cuda"))
@@ -123,8 +128,23 @@ def pad_cat(tensors, value=0.0):
 
 
 # ------------------------------------------------------------------------------------------ one StableReinforce step
+cuda = args.device.startswith("cuda")
+n_params = sum(p.numel() for p in model.parameters())          # the full count, also under FSDP2
+peak = args.peak_tflops or (989.0 if cuda and any(g in torch.cuda.get_device_name() for g in ("H100", "H200")) else None)
+
+
+def gib_peak():
+    """Peak memory of this process's torch allocator since the last call, GiB (vLLM's memory is not in it)."""
+    if not cuda:
+        return 0.0
+    gib = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return gib
+
+
 def rl_step(step):
     t0 = time.time()
+    gib_peak()
     batch_items = prompts(step)[rank::world]                        # this rank's share of the rollout batch
     views = [core.pair_view(it) for it in batch_items]
     msgs, labels = [v[0] for v in views], [v[1] for v in views]
@@ -145,6 +165,8 @@ def rl_step(step):
             ids, texts = ids + ids_i, texts + texts_i
         t_gen = time.time() - t0
     t_rollout = time.time() - t0
+    mem = dict(rollout_peak_gib=gib_peak(), gpu_used_gib=(lambda f, t: (t - f) / 2**30)(*torch.cuda.mem_get_info())
+               if cuda else 0.0)                    # (gpu_used: after vLLM went back to sleep)
 
     # 2. rewards [SR-3]: format, result, and consistency from the judge (asked only where the answer is right)
     t_judge = time.time()
@@ -177,7 +199,9 @@ def rl_step(step):
         c["adv"] = adv[rows, :c["mask"].shape[1]].to(args.device)
 
     # 5. policy update: --rollout-batch / --train-batch optimizer steps, pre-clipped PPO surrogate [SR-1]
+    mem["old_logp_peak_gib"] = gib_peak()
     model.train()
+    t_train, train_tokens = time.time(), sum(int(c["batch"]["attention_mask"].sum()) for c in chunks)
     per_step = args.train_batch // (world * args.micro_batch)         # micro-batches per optimizer step, per rank
     losses, stats, gnorms, skipped = [], [], [], 0
     for s in range(0, len(chunks), per_step):
@@ -197,6 +221,9 @@ def rl_step(step):
         health["stop"] |= health["run"] >= args.max_bad_steps
         skipped += not ok
         gnorms.append(gnorm)
+    t_train = time.time() - t_train
+    mem["train_peak_gib"] = gib_peak()
+    train_tok_s = train_tokens * world / t_train                        # all ranks; MFU = 6 N tokens / (time * peak)
 
     n = len(texts)
     correct = [i for i in range(n) if sc["result"][i]]
@@ -210,7 +237,9 @@ def rl_step(step):
                 kl=(core.masked_mean(kl, mask).item() if kl is not None else 0.0),
                 grad_norm=max(gnorms), skipped_steps=skipped,
                 response_len=mask.sum(-1).mean().item(), rollout_s=t_rollout, seconds=time.time() - t0,
-                rollout_tok_s=mask.sum().item() / t_gen, logp_delta_mean=delta.mean().item(),
+                rollout_tok_s=mask.sum().item() / t_gen, train_tok_s=train_tok_s, train_s=t_train,
+                mfu=6 * n_params * train_tok_s / (world * peak * 1e12) if peak else 0.0, **mem,
+                logp_delta_mean=delta.mean().item(),
                 logp_delta_max=delta.max().item(), **(engine.timings if engine else {}),
                 judge_asked=sc["judge_asked"], judge_failed=sc["judge_failed"], judge_s=t_judge,
                 logp=sum(c["old"].sum().item() for c in chunks) / mask.sum().item(),   # mean log-prob of the samples
@@ -235,7 +264,7 @@ def merge(rows):
         if k.startswith("judge_"):
             m[k] = sum(r[k] for r in rows)
         elif isinstance(v, float):
-            m[k] = (max if "max" in k or k == "grad_norm" else lambda xs: sum(xs) / len(xs))([r[k] for r in rows])
+            m[k] = (max if "max" in k or "peak" in k or k == "grad_norm" else lambda xs: sum(xs) / len(xs))([r[k] for r in rows])
     return m
 
 
@@ -266,7 +295,9 @@ for step in range(ckpt["step"] if ckpt else 0, args.steps):
     log_print(f"step {m['step']:4d}/{args.steps} | reward {m['reward']:.3f} | acc {m['accuracy']:.3f} | "
           f"fmt {m['format_rate']:.2f} | cons {m['consistency_rate']:.2f} | filt {m['filtered_frac']:.3f} | "
           f"preclip {m['preclip_frac']:.4f} | clip {m['clip_frac']:.3f} | loss {m['policy_loss']:+.4f} | "
-          f"kl {m['kl']:.4f} | len {m['response_len']:.1f} | {m['seconds']:.1f}s"
+          f"kl {m['kl']:.4f} | len {m['response_len']:.1f} | {m['seconds']:.1f}s | roll {m['rollout_tok_s']:.0f} tok/s | "
+          f"train {m['train_tok_s']:.0f} tok/s" + (f" MFU {100 * m['mfu']:.1f}% | peak GiB roll/train "
+          f"{m['rollout_peak_gib']:.1f}/{m['train_peak_gib']:.1f}" if peak else "")
           + (f" | dlogp {m['logp_delta_mean']:.4f}/{m['logp_delta_max']:.3f} | sync {m['sync_s']:.2f}s "
              f"wake {m['wake_s']:.2f}s sleep {m['sleep_s']:.2f}s" if engine else "") + judge_note(m)
           + (f" | {world} ranks in step: {m['ranks_in_step']}" if world > 1 else ""), flush=True)

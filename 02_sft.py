@@ -25,7 +25,8 @@ import stable_reinforce_core as core
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--data", default="runs/01_data", help="output of 01_build_data.py")
 p.add_argument("--out", default="runs/02_sft")
-p.add_argument("--model", default="tiny", help="'tiny' (random init, built here), a hub id or a local folder")
+p.add_argument("--model", default="tiny", help="'tiny' or 'random-7b' (random init at the Qwen2.5-VL-7B shape, built "
+               "here with the tiny tokenizer: for benchmarks without a download), a hub id or a local folder")
 p.add_argument("--steps", type=int, default=450, help="optimizer steps")
 p.add_argument("--batch-size", type=int, default=16, help="pair items per step")
 p.add_argument("--lr", type=float, default=5e-4, help="peak LR (paper: 1e-5 for 7B)")
@@ -101,18 +102,11 @@ def build_tiny(path):
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=args.max_pixels),
                                     tokenizer=tok, video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
-    heads = args.hidden // 48                                   # head_dim 48 -> mRoPE sections (t, h, w) = 8+8+8
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=int(2.67 * args.hidden),
-                         num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                         max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"],
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 8, 8])),
-        vision_config=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=args.hidden,
-                           fullatt_block_indexes=[0, 1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    config = core.qwen25vl_config(ids, len(tok), args.model, args.hidden, args.layers)
+    if args.model == "random-7b":        # 8.29B parameters: built and saved in bf16 (16.6 GB), which any later stage loads
+        torch.set_default_dtype(torch.bfloat16)
     model = Qwen2_5_VLForConditionalGeneration(config)
+    torch.set_default_dtype(torch.float32)
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = ids["<|im_end|>"], ids["<|endoftext|>"]
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -121,7 +115,7 @@ def build_tiny(path):
 
 
 ckpt = core.load_checkpoint(out / "resume.pt", args) if args.resume else None
-model_path = (str(out / "init") if ckpt or not main else build_tiny(out / "init")) if args.model == "tiny" else args.model
+model_path = (str(out / "init") if ckpt or not main else build_tiny(out / "init")) if args.model in ("tiny", "random-7b") else args.model
 if world > 1:
     torch.distributed.barrier()                                   # rank 0 has built the tiny model by now
 model, processor = core.load_policy(model_path, device=args.device)

@@ -310,6 +310,30 @@ def load_policy(path, dtype=torch.float32, device="cpu"):
     return model, processor
 
 
+def qwen25vl_config(ids, vocab, shape="tiny", hidden=192, layers=4):
+    """A Qwen2.5-VL config for random initialisation. ids: special-token ids of the tokenizer; vocab: its size.
+    "tiny": `hidden` wide (head_dim 48, mRoPE sections 8+8+8), `layers` deep, a 2-block ViT.
+    "random-7b": the public Qwen2.5-VL-7B shape (STACK.md s10: hidden 3584, FFN 18944, 28 layers, 28 heads,
+    4 KV heads, vocab 152064 untied; ViT 32 x 1280), 8.29B parameters whatever the tokenizer."""
+    from transformers import Qwen2_5_VLConfig
+    heads = hidden // 48
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(2.67 * hidden), num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 8, 8]))
+    vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=hidden,
+                  fullatt_block_indexes=[0, 1])
+    if shape == "random-7b":
+        text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                    num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                    rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24]))
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                      fullatt_block_indexes=[7, 15, 23, 31], window_size=112)
+    text.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
 def vision_token_ids(processor):
     """Vision special tokens must never be sampled inside a response: the model would count them as image
     placeholders. Sampling and log-probs both mask them, so the two distributions stay identical."""

@@ -1615,3 +1615,21 @@ def test_stage2_torchrun_two_ranks_fsdp2_matches_one_process(tiny, sft_ref):
         [(sorted(f["pair_ids"]), sorted(f["vqa_ids"])) for f in ref]
     assert [g["skipped_step"] for g in got] == [f["skipped_step"] for f in ref] == [False, False, True] + [False] * 5
     assert got[0]["loss"] == pytest.approx(ref[0]["loss"], abs=2e-4)
+
+
+# ---------------------------------------------------------------- the random-weights 7B shape (02 --model random-7b)
+def test_random_7b_shape_has_the_public_parameter_counts():
+    """Built on the meta device (no memory): 8.29B parameters in all, embed and lm_head 0.545B each (152064 x 3584),
+    28 decoder layers and 32 vision blocks, untied -- the numbers of the public Qwen2.5-VL-7B config (STACK.md s10)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from stable_reinforce_core import qwen25vl_config
+    ids = {t: i for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                                       "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])}
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(qwen25vl_config(ids, 600, "random-7b"))
+    n = sum(p.numel() for p in model.parameters())
+    assert 8.28e9 < n < 8.30e9
+    assert model.lm_head.weight.numel() == model.model.language_model.embed_tokens.weight.numel() == 152064 * 3584
+    assert len(model.model.language_model.layers) == 28 and len(model.model.visual.blocks) == 32
+    text = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
+    assert 7.61e9 < text < 7.63e9                                       # LLM 7.62B, ViT + merger 0.68B

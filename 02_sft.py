@@ -73,11 +73,13 @@ def example(item):
 
 # ------------------------------------------------------------------------------------------ the tiny model
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-# Qwen2.5-VL's chat format: default system prompt, one <|vision_start|><|image_pad|><|vision_end|> per image.
+# Qwen2.5-VL's chat format: default system prompt, one <|vision_start|><|image_pad|><|vision_end|> per image and
+# one <|vision_start|><|video_pad|><|vision_end|> per video (05's MM-RLHF video pairs; training never has videos).
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
     "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
     "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 

@@ -15,6 +15,8 @@ there (PAPER.md B6). By default every item is judged in both orders and each ord
 --order chosen-first gives the paper's protocol. Metrics (stable_reinforce_core.metrics): accuracy, per category,
 macro (VL-RewardBench), Acc+ (MM-RLHF), accuracy per order, both right, the "1" rate, parse failures,
 Voting@K = majority of K samples at temperature 1.0 (paper s5.1) and Any@K.
+A video (MM-RLHF's 25 video pairs) is a folder of frames: --video-frames of them, sorted by name and uniformly
+spaced (core.sample_frames), each downscaled like an image, then judged as one video entry of the chat turn.
 Generations go to generations_<bench>_<model>.jsonl (one row per item x order x sample), appended and flushed per
 batch: a re-run skips the jobs already saved. Bad rows are skipped and counted by reason (--strict: error).
 Writes <out>/{eval.json, eval.md, generations_*.jsonl}.
@@ -38,6 +40,7 @@ p.add_argument("--vote-k", type=int, default=5, help="samples per item and order
 p.add_argument("--vote-items", type=int, default=None, help="items for Voting@K; 0 = all (default: 100 pairs, all else)")
 p.add_argument("--max-new-tokens", type=int, default=96, help="paper: 1024 for RL, 4096 in the eval scripts")
 p.add_argument("--max-pixels", type=int, default=1003520 // 2, help="larger images are downscaled (R1 eval: 501,760)")
+p.add_argument("--video-frames", type=int, default=8, help="frames per video, an even number (R1's eval: 32)")
 p.add_argument("--batch-size", type=int, default=64)
 p.add_argument("--strict", action="store_true", help="a bad row is an error naming file:line, not a counted skip")
 p.add_argument("--fresh", action="store_true", help="delete saved generations instead of resuming from them")
@@ -47,6 +50,8 @@ p.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="vLLM: 
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default=None, help="default: cuda if available")
 args = p.parse_args()
+if args.video_frames < 2 or args.video_frames % 2:
+    p.error("--video-frames must be even and >= 2 (Qwen2.5-VL's temporal patch is 2 frames)")
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 pairs = args.bench == "pairs"
@@ -93,30 +98,37 @@ if args.rescore is None:
         data, images = Path(args.data or "runs/01_data/test_pairs.jsonl"), args.images
     else:
         raise SystemExit(f"--bench {args.bench} needs --data FILE [--images DIR], or --hub")
-    items, skipped = core.read_benchmark(data, args.bench, images, strict=args.strict)
-    if any("video" in it for it in items):      # MM-RLHF's 25 video pairs: no video path here yet
-        skipped["video not supported"] += sum("video" in it for it in items)
-        items = [it for it in items if "video" not in it]
+    items, skipped = core.read_benchmark(data, args.bench, images, strict=args.strict, video_frames=args.video_frames)
     items = items[:num_items or None]
     print(f"read {data}: {len(items)} items x {len(orders)} order(s); skipped {sum(skipped.values())}: {dict(skipped)}")
 
 
 # ------------------------------------------------------------------------------------------ generation
+def load_image(path):
+    """An RGB image (or video frame), downscaled to at most --max-pixels."""
+    from PIL import Image
+    image = Image.open(path).convert("RGB")
+    if image.width * image.height > args.max_pixels:
+        s = math.sqrt(args.max_pixels / (image.width * image.height))
+        image = image.resize((max(28, int(image.width * s)), max(28, int(image.height * s))))
+    return image
+
+
 def judge_all(model, processor, jobs, temperature):
     """jobs: list of job dicts (core.make_jobs). Returns the generated texts, in order. ALL model generation
     goes through here (transformers today; a vLLM engine would replace the core.sample call)."""
-    from PIL import Image
     texts = []
     for i in range(0, len(jobs), args.batch_size):
         msgs = []
         for job in jobs[i:i + args.batch_size]:
             it = by_key[job["key"]]
             a1, a2 = (it["chosen"], it["rejected"]) if job["order"] == "chosen_first" else (it["rejected"], it["chosen"])
-            image = Image.open(it["image"]).convert("RGB")
-            if image.width * image.height > args.max_pixels:
-                s = math.sqrt(args.max_pixels / (image.width * image.height))
-                image = image.resize((max(28, int(image.width * s)), max(28, int(image.height * s))))
-            msgs.append(core.build_messages(it["question"], a1, a2, image))
+            if "frames" in it:                  # a video: every frame gets the first frame's (downscaled) size
+                frames = [load_image(f) for f in it["frames"]]
+                frames = [f if f.size == frames[0].size else f.resize(frames[0].size) for f in frames]
+                msgs.append(core.build_messages(it["question"], a1, a2, frames, kind="video"))
+            else:
+                msgs.append(core.build_messages(it["question"], a1, a2, load_image(it["image"])))
         if args.vllm:
             texts += model.sample(msgs, args.max_new_tokens, temperature)[1]
         else:
@@ -135,6 +147,9 @@ def evaluate(path, gen_file):
     torch.manual_seed(args.seed)                                 # Voting@K samples are reproducible (if not resumed)
     sig = dict(model=str(path), weights=max((f.stat().st_mtime for f in Path(path).glob("*")), default=None),
                data=str(Path(data).resolve()), max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels)
+    videos = any("frames" in it for it in items)
+    if videos:                                                   # (kept out otherwise: older runs still resume)
+        sig["video_frames"] = args.video_frames
     meta = gen_file.with_suffix(".meta.json")                    # what the saved generations were made with
     if gen_file.exists() and meta.exists() and json.loads(meta.read_text()) != sig:
         raise SystemExit(f"{gen_file} holds generations made with other settings (see {meta}); pass --fresh")

@@ -38,10 +38,11 @@ PROMPT_TEMPLATE = (
     'follow):**  \n<think>Your detailed comparative analysis goes here</think><answer>1/2</answer>')
 
 
-def build_messages(question, answer1, answer2, image):
-    """One user turn, [image, text] -- the order the released model was evaluated with (PAPER.md s1)."""
+def build_messages(question, answer1, answer2, image, kind="image"):
+    """One user turn, [image, text] -- the order the released model was evaluated with (PAPER.md s1).
+    kind="video": `image` is a list of PIL frames (all one size), shown as one video entry instead."""
     text = PROMPT_TEMPLATE.format(question=question, answer1=answer1, answer2=answer2)
-    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+    return [{"role": "user", "content": [{"type": kind, kind: image}, {"type": "text", "text": text}]}]
 
 
 def vqa_messages(question, image):
@@ -291,6 +292,27 @@ def image_decodes(path):
         return False
 
 
+# A video is a folder of frames (MM-RLHF-RewardBench). Frames carry no timestamps: like qwen-vl-utils for a frame
+# list (and transformers <= 4.50, which R1's eval ran on) we take 2 fps, so second_per_grid_ts = 2 / 2 = 1 and the
+# temporal mRoPE step is tokens_per_second. (transformers 5 assumes 24 fps: step int(2/24) * tps = 0.) Frames
+# are resized with the IMAGE processor's pixel limits, as transformers <= 4.50 did, in collate and in vLLM.
+VIDEO_FPS = 2.0
+
+
+def sample_frames(folder, k=8):
+    """The frame paths of a video folder: its image files sorted by name (digit runs compared as numbers), k of
+    them uniformly spaced with the first and last included (R1's np.linspace(0, n-1, k, dtype=int); [fix B10]:
+    R1 listed them unsorted). Fewer than k frames: all of them. An odd count repeats the last frame (the
+    temporal patch is 2; qwen-vl-utils does the same). [] if the folder holds no image file."""
+    from PIL import Image
+    natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+    exts = Image.registered_extensions()
+    files = sorted((p for p in Path(folder).iterdir() if p.suffix.lower() in exts), key=natural)
+    n = min(k, len(files))
+    idx = [i * (len(files) - 1) // (n - 1) for i in range(n)] if n > 1 else [0] * n
+    return [str(files[i]) for i in idx + idx[-1:] * (len(idx) % 2)]
+
+
 def pair_view(item, swap=False):
     """(messages, label) for a pair item; swap=True shows the responses in the other order."""
     from PIL import Image
@@ -344,12 +366,17 @@ def vision_token_ids(processor):
 
 def collate(processor, messages, responses=None, device="cpu"):
     """Batch layout [left-padded prompt | right-padded response], shared by SFT, sampling and RL.
-    messages: list of chat turns (each with one image); responses: list[str] (the EOS is appended) or
+    messages: list of chat turns (each with one image or one video: a list of frames, see sample_frames);
+    a batch may mix the two. Videos add pixel_values_videos, video_grid_thw, second_per_grid_ts and
+    mm_token_type_ids 2 on their tokens (mRoPE needs all of them). responses: list[str] (the EOS is appended) or
     list[list[int]] (token ids as sampled) or None. Returns (model inputs, response_mask [B, R])."""
     tok = processor.tokenizer
     texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
     images = [c["image"] for m in messages for c in m[0]["content"] if c["type"] == "image"]
-    batch = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+    videos = [c["video"] for m in messages for c in m[0]["content"] if c["type"] == "video"]
+    kw = dict(videos=videos, size=dict(processor.image_processor.size),     # frames: image pixel limits, 2 fps
+              video_metadata=[dict(total_num_frames=len(v), fps=VIDEO_FPS) for v in videos]) if videos else {}
+    batch = processor(text=texts, images=images or None, padding=True, return_tensors="pt", **kw)
     if responses is None:
         return {k: v.to(device) for k, v in batch.items()}, None
     if responses and isinstance(responses[0], str):
@@ -459,12 +486,13 @@ def benchmark_item(bench, row, index):
             keys[-1].lower(): media, "chosen": chosen, "rejected": rejected}
 
 
-def read_benchmark(path, bench, image_root=None, strict=False):
+def read_benchmark(path, bench, image_root=None, strict=False, video_frames=8):
     """Read a benchmark file (JSONL, or a .json list as Multimodal RewardBench ships) -> (items, skipped).
     A bad row -- malformed JSON, a missing field, a label outside {1, 2}, an empty question or response, a
-    missing or unreadable image -- is skipped and counted by reason in `skipped` (a Counter); strict=True
-    raises BadInput naming path:line instead. Media paths are resolved against image_root (default: the
-    file's folder); a video is a folder of frames."""
+    missing or unreadable image, a missing frame folder, one without image files, an unreadable sampled
+    frame -- is skipped and counted by reason in `skipped` (a Counter); strict=True raises BadInput naming
+    path:line instead. Media paths are resolved against image_root (default: the file's folder); a video is a
+    folder of frames, and its item gets "frames" = sample_frames(folder, video_frames)."""
     from PIL import Image
     path = Path(path)
     root, text = Path(image_root or path.parent), path.read_text()
@@ -485,14 +513,19 @@ def read_benchmark(path, bench, image_root=None, strict=False):
             it = benchmark_item(bench, row, n - 1)
             kind = "video" if "video" in it else "image"
             it[kind] = media = str(root / it[kind])
-            if not (Path(media).is_dir() and any(Path(media).iterdir()) if kind == "video" else Path(media).is_file()):
-                raise ValueError("missing image", f"{kind} not found: {media}")
-            try:
-                if kind == "image":
-                    with Image.open(media) as im:
+            if not (Path(media).is_dir() if kind == "video" else Path(media).is_file()):
+                raise ValueError(f"missing {kind}", f"{kind} not found: {media}")
+            files = [media]
+            if kind == "video":
+                it["frames"] = files = sample_frames(media, video_frames)
+                if not files:
+                    raise ValueError("empty video", f"no image file in the frame folder {media}")
+            for f in files:
+                try:
+                    with Image.open(f) as im:
                         im.verify()
-            except Exception as e:
-                raise ValueError("corrupt image", f"unreadable image {media} ({type(e).__name__})") from None
+                except Exception as e:
+                    raise ValueError(f"corrupt {kind}", f"unreadable {kind} {f} ({type(e).__name__})") from None
             items.append(it)
         except ValueError as e:
             if strict:
@@ -618,7 +651,8 @@ class VLLMEngine:
                   distributed_executor_backend="external_launcher" if launched else None,
                   enable_sleep_mode=True, logprobs_mode="processed_logprobs", enable_prefix_caching=False,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                       max_num_batched_tokens=max(4096, max_model_len or 0), limit_mm_per_prompt={"image": 1},
+                       max_num_batched_tokens=max(4096, max_model_len or 0), limit_mm_per_prompt={"image": 1},  # video:
+                       # unset = vLLM's default of 999 per prompt, so a video prompt is accepted (as it always was)
                        mm_processor_kwargs=dict(size=dict(shortest_edge=size["shortest_edge"],
                                                           longest_edge=size["longest_edge"])),
                        enforce_eager=eager)
@@ -660,22 +694,30 @@ class VLLMEngine:
         self.timings.update(wake_s=(t1 - t0) + (time.time() - t2), sync_s=t2 - t1)
 
     def sample(self, messages, max_new_tokens, temperature=1.0, n=1):
-        """Like `sample` above, for a list of chat turns (one image each). Returns (token-id lists, texts,
+        """Like `sample` above, for a list of chat turns (one image or one video each; videos are NOT yet run on
+        a GPU). Returns (token-id lists, texts,
         per-token sampled log-probs or None at temperature 0, prompt token-id lists as vLLM expanded them);
         with n > 1 the n samples of a prompt are adjacent. Log-probs are 'processed': after temperature and
         the ban, i.e. from the same distribution the trainer computes. A prompt that may not fit max_model_len
         (text tokens + the most image tokens the pixel limit allows + max_new_tokens) is not sent: it gets an
-        empty response ([], "", None, None), which scores as a parse failure, and is counted in self.too_long."""
+        empty response ([], "", None, None), which scores as a parse failure, and is counted in self.too_long.
+        A video counts as one image per frame pair."""
         from vllm import SamplingParams
         tok = self.processor.tokenizer
         prompts, fits = [], []
         for m in messages:
             text = self.processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
             images = [c["image"] for c in m[0]["content"] if c["type"] == "image"]
-            need = len(tok(text)["input_ids"]) + len(images) * self.max_image_tokens + max_new_tokens
+            videos = [c["video"] for c in m[0]["content"] if c["type"] == "video"]   # frames get the image limits,
+            pairs = sum((len(v) + 1) // 2 for v in videos)                            # so a frame pair <= one image
+            need = len(tok(text)["input_ids"]) + (len(images) + pairs) * self.max_image_tokens + max_new_tokens
             fits.append(need <= self.max_len)
             if fits[-1]:
-                prompts.append(dict(prompt=text, multi_modal_data={"image": images}))
+                p = dict(prompt=text, multi_modal_data={k: v for k, v in (("image", images), ("video", videos)) if v})
+                if videos:          # 2 fps as in collate (vLLM drops metadata passed with the frames for Qwen2.5-VL)
+                    p["mm_processor_kwargs"] = dict(video_metadata=[dict(total_num_frames=len(v), fps=VIDEO_FPS)
+                                                                    for v in videos])
+                prompts.append(p)
         self.too_long += fits.count(False)
         params = SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
                                 logprobs=0 if temperature > 0 else None, logit_bias=self.bias or None, detokenize=False)

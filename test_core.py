@@ -603,6 +603,7 @@ def test_whole_fixture_files(tmp_path):
     assert Counter(it["category"] for it in mm) == dict(mcq=42, long=37, short=34, safety=32, video=25)
     ids = {c: len({it["id"] for it in mm if it["category"] == c}) for c in ("mcq", "long", "short", "safety", "video")}
     assert ids == dict(mcq=10, long=10, short=10, safety=6, video=10) and sum("video" in it for it in mm) == 25
+    assert all(it["frames"] == [it["video"] + "/frame.png"] * 2 for it in mm if "video" in it)  # 1 frame -> 2
 
 
 def fake_rows(items, texts_by_order, orders=("chosen_first", "chosen_second")):
@@ -754,6 +755,154 @@ def test_read_vlrb_hub_schema(tmp_path):
     items, skipped = read_benchmark(tmp_path / "data.jsonl", "vl_rewardbench")
     assert [(it["chosen"], it["rejected"]) for it in items] == [("two", "three"), ("three", "two")]
     assert items[0]["category"] == "hallucination" and skipped == {"label not 1 or 2": 1}
+
+
+# ================================================================ Videos (MM-RLHF's 25 video pairs: core.sample_frames, collate)
+# A video is a folder of frames. The tiny model here is built in-process with 02_sft.py's own SPECIAL tokens and
+# CHAT_TEMPLATE (read from its source), one text layer and one vision block: a few seconds on a CPU.
+import ast
+
+import numpy as np
+
+from stable_reinforce_core import collate, response_logprobs, sample, sample_frames
+
+
+def frame_folder(folder, names, size=(28, 28)):
+    """A folder of real image files with these names (the format follows the suffix)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", size, (10 * i, 0, 0)).save(folder / name)
+    return folder
+
+
+def test_sample_frames_sorted_uniform_even(tmp_path):
+    """Sorted by name with digit runs as numbers (frame_9 < frame_10), k frames spaced as R1's
+    np.linspace(0, n-1, k, dtype=int); fewer than k: all; an odd count repeats the last; other files ignored."""
+    names = [f"frame_{i}.png" for i in range(13)]
+    folder = frame_folder(tmp_path / "v13", random.Random(0).sample(names, 13))      # written in shuffled order
+    (folder / "notes.txt").write_text("not a frame")
+    pick = lambda folder, k: [int(Path(f).stem.split("_")[1]) for f in sample_frames(folder, k)]
+    assert pick(folder, 8) == [0, 1, 3, 5, 6, 8, 10, 12] == np.linspace(0, 12, 8, dtype=int).tolist()
+    assert pick(folder, 2) == [0, 12] and pick(folder, 20) == list(range(13)) + [12]
+    assert pick(frame_folder(tmp_path / "v4", names[:4]), 8) == [0, 1, 2, 3]
+    assert pick(frame_folder(tmp_path / "v3", names[:3]), 8) == [0, 1, 2, 2]
+    assert pick(frame_folder(tmp_path / "v1", names[:1]), 8) == [0, 0]
+    assert sample_frames(frame_folder(tmp_path / "v0", []), 8) == []
+
+
+def test_bad_video_folders_counted_by_reason_or_strict(tmp_path):
+    """A missing frame folder, one with no image file, and one whose sampled frame is unreadable are each skipped
+    and counted by reason; --strict names file:line."""
+    frame_folder(tmp_path / "video/ok", ["2.jpg", "10.jpg", "1.jpg"])
+    (tmp_path / "video/empty").mkdir()
+    (tmp_path / "video/empty/readme.txt").write_text("no frames")
+    frame_folder(tmp_path / "video/bad", ["a.png"])
+    (tmp_path / "video/bad/b.png").write_bytes(b"not a png")
+    row = lambda v: json.dumps(dict(id=v, video=f"video/{v}", prompt="q", chosen="c", rejected="r"))
+    path = tmp_path / "mm.jsonl"
+    path.write_text("\n".join(row(v) for v in ("ok", "missing", "empty", "bad")))
+    items, skipped = read_benchmark(path, "mm_rlhf", video_frames=8)
+    assert [it["id"] for it in items] == ["ok"] and items[0]["category"] == "video"
+    assert items[0]["frames"] == [str(tmp_path / f"video/ok/{n}.jpg") for n in (1, 2, 10, 10)]
+    assert skipped == {"missing video": 1, "empty video": 1, "corrupt video": 1}
+    for n, v, needle in ((1, "missing", "video not found"), (1, "empty", "no image file"), (1, "bad", "unreadable video")):
+        (tmp_path / "one.jsonl").write_text(row(v) + "\n")
+        with pytest.raises(BadInput, match=f"one.jsonl:{n}: {needle}"):
+            read_benchmark(tmp_path / "one.jsonl", "mm_rlhf", strict=True)
+
+
+def tiny_vl():
+    """(model, processor): a tiny random Qwen2.5-VL with 02_sft.py's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    tree = ast.parse((Path(__file__).parent / "02_sft.py").read_text())
+    const = {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+             and getattr(n.targets[0], "id", None) in ("SPECIAL", "CHAT_TEMPLATE")}
+    special, template = const["SPECIAL"], const["CHAT_TEMPLATE"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator([PROMPT_TEMPLATE, "system user assistant <think>x</think><answer>1</answer>"],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=special, show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=special[1:], chat_template=template)
+    tok.padding_side = "left"
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
+                                    tokenizer=tok, video_processor=Qwen2VLVideoProcessor(), chat_template=template)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in special}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, bos_token_id=ids["<|endoftext|>"],
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 8, 8])),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
+                           fullatt_block_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration(config).eval(), processor
+
+
+def test_collate_mixed_image_and_video_batch_forward_and_sample():
+    """[image item, video item] in one batch: 4 frames of 84x56 px -> grid (4/2, 56/14, 84/14) = (2, 4, 6), so
+    2*4*6/4 = 12 <|video_pad|> tokens, with mm_token_type_ids 2 exactly there (1 on the 4 image tokens).
+    3-D mRoPE: the video's temporal position steps by tokens_per_second (2 fps -> 1 s per frame pair), height
+    and width positions follow the 2 x 3 merged grid. Log-probs are finite, and the video row's equal those of
+    the video item alone; sample() returns text for both."""
+    model, processor = tiny_vl()
+    image = Image.new("RGB", (56, 56), (200, 30, 30))
+    frames = [Image.new("RGB", (84, 56), (40 * i, 120, 60)) for i in range(4)]
+    msgs = [build_messages("q image", "A", "B", image), build_messages("q video", "A", "B", frames, kind="video")]
+    assert msgs[1][0]["content"][0] == {"type": "video", "video": frames}
+    batch, mask = collate(processor, msgs, ["<think>x</think><answer>1</answer>", "<answer>2</answer>"])
+    vid, img = (processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|video_pad|>", "<|image_pad|>"))
+    ids, types = batch["input_ids"], batch["mm_token_type_ids"]
+    assert batch["video_grid_thw"].tolist() == [[2, 4, 6]] and batch["image_grid_thw"].tolist() == [[1, 4, 4]]
+    assert batch["pixel_values_videos"].shape[0] == 2 * 4 * 6 and batch["second_per_grid_ts"].tolist() == [1.0]
+    assert (ids == vid).sum(1).tolist() == [0, 12] and (ids == img).sum(1).tolist() == [4, 0]
+    assert torch.equal(types == 2, ids == vid) and torch.equal(types == 1, ids == img)
+
+    pos, _ = model.model.get_rope_index(ids, types, image_grid_thw=batch["image_grid_thw"],
+                                        video_grid_thw=batch["video_grid_thw"],
+                                        second_per_grid_ts=batch["second_per_grid_ts"],
+                                        attention_mask=batch["attention_mask"])
+    tps = model.config.vision_config.tokens_per_second
+    t, h, w = (pos[d, 1][ids[1] == vid].tolist() for d in range(3))
+    s = h[0]                                        # the text position where the video starts
+    assert t == [s] * 6 + [s + tps] * 6 and h == [s + r for r in (0, 0, 0, 1, 1, 1)] * 2 and w == [s, s + 1, s + 2] * 4
+
+    with torch.no_grad():
+        lp = response_logprobs(model, batch, mask)
+        alone, mask1 = collate(processor, msgs[1:], ["<answer>2</answer>"])
+        lp1 = response_logprobs(model, alone, mask1)
+    assert torch.isfinite(lp).all() and (lp[mask == 1] < 0).all() and (lp[mask == 0] == 0).all()
+    n = int(mask1.sum())
+    assert n == int(mask[1].sum()) and torch.allclose(lp[1, :n], lp1[0, :n], atol=1e-4)
+    out_ids, texts = sample(model, processor, msgs[::-1], max_new_tokens=4, temperature=0)
+    assert len(texts) == 2 and all(isinstance(x, str) for x in texts) and all(1 <= len(r) <= 4 for r in out_ids)
+
+
+def test_stage5_mm_rlhf_video_pair_end_to_end(tmp_path):
+    """05_eval.py on one image pair and one video pair (3 frames of different sizes -> 4, one size) with a tiny
+    saved model: nothing skipped, 2 items x 2 orders judged, and the Video column of Table 5 gets a number."""
+    model, processor = tiny_vl()
+    model.save_pretrained(tmp_path / "tiny/model")
+    processor.save_pretrained(tmp_path / "tiny/model")
+    place_media(tmp_path, [MMRLHF_ROWS[0][1]])
+    frame_folder(tmp_path / "video/-77dfCjTbSc", ["f1.jpg", "f2.jpg"], size=(90, 60))
+    frame_folder(tmp_path / "video/-77dfCjTbSc", ["f3.jpg"], size=(60, 90))
+    (tmp_path / "mm.jsonl").write_text("\n".join(json.dumps({"id": i, ("video" if m.startswith("video") else "image"): m,
+                                       "prompt": q, "chosen": c, "rejected": r}) for i, m, q, c, r in
+                                       (MMRLHF_ROWS[0], MMRLHF_ROWS[4])))
+    r = run_05("--bench", "mm_rlhf", "--data", str(tmp_path / "mm.jsonl"), "--models", str(tmp_path / "tiny/model"),
+               "--out", str(tmp_path / "o"), "--vote-k", "0", "--max-new-tokens", "4", "--device", "cpu", "--strict")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert res["skipped"] == {} and res["results"]["tiny"]["greedy"]["n"] == 4
+    assert set(res["results"]["tiny"]["greedy"]["category"]) == {"mcq", "video"}
+    cells = next(ln for ln in (tmp_path / "o" / "eval.md").read_text().splitlines() if ln.startswith("| tiny |")).split("|")
+    assert cells[3].strip() == "-" and cells[6].strip() != "-"     # Model | Mcq | Long | ... | Video: a number
 
 
 # ---------------------------------------------------------------- GPU: vLLM rollouts (issue tests a-e; skipped on CPU)

@@ -39,13 +39,7 @@ p.add_argument("--layers", type=int, default=4, help="tiny model: text decoder l
 p.add_argument("--vocab", type=int, default=1024, help="tiny model: BPE vocabulary size")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-# reliability: resume, bad input, non-finite steps (README "What survives what")
-p.add_argument("--save-every", type=int, default=50, help="write the resumable checkpoint out/resume.pt every N steps (0 = never)")
-p.add_argument("--resume", action="store_true", help="continue from out/resume.pt: model, optimizer, schedule, RNG, step")
-p.add_argument("--strict", action="store_true", help="a bad input row is an error naming file:line (default: skip and count it)")
-p.add_argument("--max-prompt-tokens", type=int, default=2048, help="skip items whose prompt, image tokens included, is longer (0 = no limit)")
-p.add_argument("--max-bad-steps", type=int, default=5, help="stop (after saving) once this many steps in a row had a non-finite loss or grad")
-p.add_argument("--inject-nan-at", type=int, nargs="*", default=[], help=argparse.SUPPRESS)   # tests: NaN loss at these steps
+core.add_reliability_flags(p, save_every=50)                     # --save-every --resume --strict ...
 args = p.parse_args()
 rank, world, args.device = core.init_distributed(args.device)     # torchrun: one process per GPU, else (0, 1)
 main = rank == 0

@@ -59,13 +59,7 @@ p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing 
 p.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default: 989 on H100/H200, bf16 dense)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-# reliability: resume, bad input, non-finite steps (README "What survives what")
-p.add_argument("--save-every", type=int, default=5, help="write the resumable checkpoint out/resume.pt every N steps (0 = never)")
-p.add_argument("--resume", action="store_true", help="continue from out/resume.pt: model, optimizer, RNG, step")
-p.add_argument("--strict", action="store_true", help="a bad input row is an error naming file:line (default: skip and count it)")
-p.add_argument("--max-prompt-tokens", type=int, default=2048, help="skip items whose prompt, image tokens included, is longer (0 = no limit)")
-p.add_argument("--max-bad-steps", type=int, default=5, help="stop (after saving) once this many optimizer steps in a row were non-finite")
-p.add_argument("--inject-nan-at", type=int, nargs="*", default=[], help=argparse.SUPPRESS)   # tests: NaN loss in these steps
+core.add_reliability_flags(p, save_every=5)                     # --save-every --resume --strict ...
 args = p.parse_args()
 args.judge = "api" if args.judge_url else args.judge
 if args.judge == "api" and not (args.judge_url and args.judge_model):

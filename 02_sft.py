@@ -37,6 +37,10 @@ p.add_argument("--max-pixels", type=int, default=112 * 112, help="processor pixe
 p.add_argument("--hidden", type=int, default=192, help="tiny model: text hidden size")
 p.add_argument("--layers", type=int, default=4, help="tiny model: text decoder layers")
 p.add_argument("--vocab", type=int, default=1024, help="tiny model: BPE vocabulary size")
+p.add_argument("--vision-depth", type=int, default=2, help="tiny model: ViT blocks")
+p.add_argument("--vision-hidden", type=int, default=128, help="tiny model: ViT width (heads of 32)")
+p.add_argument("--workers", type=int, default=0, help="processes that build the batches (the image processor runs on "
+               "the CPU; on a GPU it is the bottleneck for a small model)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 core.add_reliability_flags(p, save_every=50)                     # --save-every --resume --strict ...
@@ -98,7 +102,7 @@ def build_tiny(path):
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=args.max_pixels),
                                     tokenizer=tok, video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
-    config = core.qwen25vl_config(ids, len(tok), args.model, args.hidden, args.layers)
+    config = core.qwen25vl_config(ids, len(tok), args.model, args.hidden, args.layers, args.vision_depth, args.vision_hidden)
     if args.model == "random-7b":        # 8.29B parameters: built and saved in bf16 (16.6 GB), which any later stage loads
         torch.set_default_dtype(torch.bfloat16)
     model = Qwen2_5_VLForConditionalGeneration(config)
@@ -157,13 +161,26 @@ log = core.open_log(out / "metrics.jsonl", start if ckpt else None) if main else
 stop = core.StopOnSigint()
 model.train()
 t0, tokens = time.time(), 0
-for step in (bar := tqdm(range(start + 1, args.steps + 1), desc="sft", initial=start, total=args.steps, disable=not main)):
-    # pairs and VQA items go in separate micro-batches: padding a 40-token VQA item to a 270-token pair wastes compute
-    pair_items, vqa_items = step_items(step)
-    micro = [mb for mb in (pair_items, vqa_items) if mb]
-    collated = [core.collate(processor, *map(list, zip(*(example(it) for it in mb))), device=args.device) for mb in micro]
+
+
+class Steps(torch.utils.data.Dataset):
+    """Step i's items and its collated micro-batches (CPU tensors). Pairs and VQA items go in separate
+    micro-batches: padding a 40-token VQA item to a 270-token pair wastes compute."""
+    def __len__(self):
+        return args.steps - start
+
+    def __getitem__(self, i):
+        pair_items, vqa_items = step_items(start + 1 + i)
+        return start + 1 + i, pair_items, vqa_items, [core.collate(processor, *map(list, zip(*map(example, mb))))
+                                                       for mb in (pair_items, vqa_items) if mb]
+
+
+loader = torch.utils.data.DataLoader(Steps(), batch_size=None, collate_fn=lambda x: x, num_workers=args.workers,
+                                     prefetch_factor=4 if args.workers else None)
+for step, pair_items, vqa_items, collated in (bar := tqdm(loader, desc="sft", initial=start, total=args.steps, disable=not main)):
     loss = 0.0
     for batch, resp_mask in collated:      # loss = sum over the two sources of their mean token NLL, so the short
+        batch, resp_mask = {k: v.to(args.device) for k, v in batch.items()}, resp_mask.to(args.device)
         part = -core.response_logprobs(model, batch, resp_mask).sum() / resp_mask.sum()   # VQA answers weigh as
         if step in args.inject_nan_at:                                                     # much as the pairs
             part = part * float("nan")

@@ -30,8 +30,7 @@ p.add_argument("--min-difficulty", type=int, default=2, help="keep items needing
 p.add_argument("--temperature", type=float, default=1.0)
 p.add_argument("--max-new-tokens", type=int, default=96)
 p.add_argument("--batch-size", type=int, default=64)
-p.add_argument("--vllm", action="store_true", help="generate with vLLM (GPU) instead of transformers")
-p.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="vLLM: share of the GPU it may use")
+core.add_vllm_flags(p, gpu_memory_utilization=0.5)                 # --vllm --gpu-memory-utilization ...
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 p.add_argument("--strict", action="store_true", help="a bad input row is an error naming file:line (default: skip and count it)")
@@ -52,8 +51,7 @@ items = core.drop_long_prompts(items, AutoProcessor.from_pretrained(args.model),
 if not items:                                                            # (only the sampled items: cheap)
     raise SystemExit(f"{args.data}: no usable items (skipped: {dict(skipped)})")
 if args.vllm:
-    engine = core.VLLMEngine(args.model, AutoProcessor.from_pretrained(args.model), args.gpu_memory_utilization,
-                             seed=args.seed)
+    engine = core.VLLMEngine.from_args(args, args.model, seed=args.seed)
     generate = lambda msgs: engine.sample(msgs, args.max_new_tokens, args.temperature)[1]
 else:
     model, processor = core.load_policy(args.model, device=args.device)

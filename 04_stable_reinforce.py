@@ -49,12 +49,12 @@ p.add_argument("--judge-timeout", type=float, default=30.0, help="seconds per ju
 p.add_argument("--judge-retries", type=int, default=2, help="retries per verdict (timeouts, connection errors, 5xx)")
 p.add_argument("--judge-concurrency", type=int, default=64, help="judge requests in flight")
 p.add_argument("--judge-image", action="store_true", help="also show the referee the image")
+p.add_argument("--judge-choice", action="store_true", help="ask a vLLM referee to constrain its reply to yes|no "
+               "(structured outputs; other servers may reject the field)")
 p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature (the trainer divides logits by it)")
 p.add_argument("--max-new-tokens", type=int, default=96, help="paper: 1024")
-p.add_argument("--vllm", action="store_true", help="roll out with a colocated vLLM engine (GPU) instead of transformers")
-p.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="vLLM: share of the GPU for its weights + KV cache")
+core.add_vllm_flags(p, gpu_memory_utilization=0.3)     # --vllm (colocated engine) --gpu-memory-utilization ...
 p.add_argument("--max-model-len", type=int, default=4096, help="vLLM: prompt + response token budget")
-p.add_argument("--vllm-eager", action="store_true", help="vLLM: no CUDA graphs / torch.compile (faster start, slower decode)")
 p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (decoder layers and vision blocks)")
 p.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default: 989 on H100/H200, bf16 dense)")
 p.add_argument("--seed", type=int, default=0)
@@ -79,9 +79,7 @@ bad_rows = core.Skipped(args.strict)
 items = core.load_items(args.data, skipped=bad_rows)
 engine = None
 if args.vllm:            # the engine first: its memory budget is a share of the whole GPU (STACK.md s1)
-    from transformers import AutoProcessor
-    engine = core.VLLMEngine(args.model, AutoProcessor.from_pretrained(args.model), args.gpu_memory_utilization,
-                             args.max_model_len, args.seed + rank, eager=args.vllm_eager)
+    engine = core.VLLMEngine.from_args(args, args.model, args.seed + rank, args.max_model_len)
     engine.sleep()
     log_print(f"vLLM engine started in {engine.timings['start_s']:.1f} s")
 model, processor = core.load_policy(args.model, device=args.device)
@@ -99,7 +97,8 @@ if world > 1:                                   # FSDP2: fp32 master shards, bf1
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
 judge = core.RuleJudge() if args.judge == "rule" else core.APIJudge(core.ChatClient(
     args.judge_url, args.judge_model, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), timeout=args.judge_timeout,
-    retries=args.judge_retries, concurrency=args.judge_concurrency, max_tokens=8), with_image=args.judge_image)
+    retries=args.judge_retries, concurrency=args.judge_concurrency, max_tokens=8,
+    extra_body={"structured_outputs": {"choice": ["yes", "no"]}} if args.judge_choice else None), with_image=args.judge_image)
 log_print(f"{world} process(es); read {args.data} ({len(items)} items; skipped {dict(bad_rows) or 'none'}), {args.model}; pre_clip={not args.no_pre_clip} "
       f"adv_filter={not args.no_adv_filter} beta={args.beta}")
 

@@ -45,8 +45,7 @@ p.add_argument("--batch-size", type=int, default=64)
 p.add_argument("--strict", action="store_true", help="a bad row is an error naming file:line, not a counted skip")
 p.add_argument("--fresh", action="store_true", help="delete saved generations instead of resuming from them")
 p.add_argument("--rescore", nargs="+", default=None, metavar="GENERATIONS", help="score saved generations only")
-p.add_argument("--vllm", action="store_true", help="generate with one vLLM engine (GPU); later --models are synced into it")
-p.add_argument("--gpu-memory-utilization", type=float, default=0.5, help="vLLM: share of the GPU it may use")
+core.add_vllm_flags(p, gpu_memory_utilization=0.5)     # --vllm: one engine; later --models are synced into it
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default=None, help="default: cuda if available")
 args = p.parse_args()
@@ -156,9 +155,8 @@ def evaluate(path, gen_file):
     meta.write_text(json.dumps(sig))
     if args.vllm:                  # one engine for all --models (same architecture): later ones are synced in
         global engine
-        from transformers import AutoProcessor
         if engine is None:
-            engine = core.VLLMEngine(path, AutoProcessor.from_pretrained(path), args.gpu_memory_utilization, seed=args.seed)
+            engine = core.VLLMEngine.from_args(args, path, seed=args.seed)
         else:
             engine.sleep()
             engine.sync(core.load_policy(path)[0].named_parameters())
@@ -181,10 +179,14 @@ def evaluate(path, gen_file):
 
 
 def score(rows):
-    """The same arithmetic for a fresh run and for --rescore: greedy metrics, and Voting@K if sampled."""
+    """The same arithmetic for a fresh run and for --rescore: greedy metrics, and Voting@K if sampled. The
+    curve (paper Fig. 4) is the accuracy of Voting@k on the first k samples, for k in 1, 3, 5, 9, 15 up to K."""
     vote = core.predictions(rows, "vote")
     k = max((r["sample"] + 1 for r in rows if r["mode"] == "vote"), default=0)
-    return dict(greedy=core.metrics(core.predictions(rows, "greedy")), vote=core.metrics(vote) if vote else None, k=k)
+    curve = {j: core.metrics(core.predictions([r for r in rows if r["mode"] == "vote" and r["sample"] < j], "vote"))["acc"]
+             for j in sorted({1, 3, 5, 9, 15, k}) if 0 < j <= k}
+    return dict(greedy=core.metrics(core.predictions(rows, "greedy")), vote=core.metrics(vote) if vote else None, k=k,
+                vote_curve=curve)
 
 
 # ------------------------------------------------------------------------------------------ run / rescore
@@ -250,6 +252,8 @@ if first:
     note = (f"\n\n{bench}: {g['n']} predictions (items x orders), greedy"
             + (f"; Voting@{k}: {v['n']} predictions at T=1.0" if v else "")
             + (f". Skipped rows: {dict(skipped)}" if skipped else "") + ".\n")
+    note += "".join(f"\n{name} Voting@k: " + ", ".join(f"k={j} {pct(a)}" for j, a in r["vote_curve"].items()) + "\n"
+                    for name, r in results.items() if r.get("vote_curve"))
 table = "\n".join(lines)
 (out / "eval.md").write_text(table + note)
 (out / "eval.json").write_text(json.dumps(dict(args=vars(args), bench=bench, skipped=dict(skipped),

@@ -332,18 +332,19 @@ def load_policy(path, dtype=torch.float32, device="cpu"):
     return model, processor
 
 
-def qwen25vl_config(ids, vocab, shape="tiny", hidden=192, layers=4):
+def qwen25vl_config(ids, vocab, shape="tiny", hidden=192, layers=4, vision_depth=2, vision_hidden=128):
     """A Qwen2.5-VL config for random initialisation. ids: special-token ids of the tokenizer; vocab: its size.
-    "tiny": `hidden` wide (head_dim 48, mRoPE sections 8+8+8), `layers` deep, a 2-block ViT.
+    "tiny": `hidden` wide (head_dim 48, mRoPE sections 8+8+8), `layers` deep; a ViT of `vision_depth` blocks,
+    `vision_hidden` wide (heads of 32), all with full attention.
     "random-7b": the public Qwen2.5-VL-7B shape (STACK.md s10: hidden 3584, FFN 18944, 28 layers, 28 heads,
     4 KV heads, vocab 152064 untied; ViT 32 x 1280), 8.29B parameters whatever the tokenizer."""
     from transformers import Qwen2_5_VLConfig
     heads = hidden // 48
-    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(2.67 * hidden), num_hidden_layers=layers,
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=64 * round(2.67 * hidden / 64), num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
                 rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[8, 8, 8]))
-    vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=hidden,
-                  fullatt_block_indexes=[0, 1])
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                  num_heads=vision_hidden // 32, out_hidden_size=hidden, fullatt_block_indexes=list(range(vision_depth)))
     if shape == "random-7b":
         text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                     num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
@@ -633,7 +634,8 @@ class VLLMEngine:
     (distributed_executor_backend="external_launcher", which reuses torchrun's process group).
     Vision tokens get logit bias -100, mirroring the -inf mask of `sample` and `response_logprobs`."""
 
-    def __init__(self, path, processor, gpu_memory_utilization=0.3, max_model_len=None, seed=0, eager=False, **llm_kwargs):
+    def __init__(self, path, processor, gpu_memory_utilization=0.3, max_model_len=None, seed=0, eager=False,
+                 kv_cache_gib=None, **llm_kwargs):
         import os, time
         import torch.distributed as dist
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")   # else a ~2 min JIT build at first start
@@ -652,11 +654,21 @@ class VLLMEngine:
                        mm_processor_kwargs=dict(size=dict(shortest_edge=size["shortest_edge"],
                                                           longest_edge=size["longest_edge"])),
                        enforce_eager=eager)
+        if kv_cache_gib:   # a fixed KV cache: no memory profiling, whose numbers go wrong while other processes on
+            kw.update(kv_cache_memory_bytes=int(kv_cache_gib * 2**30),   # the GPU allocate; utilization is then
+                      gpu_memory_utilization=min(gpu_memory_utilization, 0.02))   # only the start-up free-memory check
         self.llm = LLM(**{**kw, **llm_kwargs})
         self.processor, self.bias = processor, {t: -100.0 for t in vision_token_ids(processor)}
         self.timings = dict(start_s=time.time() - t0)
         self.max_len, self.too_long, self._expected = self.llm.llm_engine.model_config.max_model_len, 0, None
         self.max_image_tokens = size["longest_edge"] // (28 * 28)             # 14-px patches, merged 2 x 2
+
+    @classmethod
+    def from_args(cls, args, path, seed, max_model_len=None):
+        """The engine that add_vllm_flags' flags describe."""
+        from transformers import AutoProcessor
+        return cls(path, AutoProcessor.from_pretrained(path), args.gpu_memory_utilization, max_model_len, seed,
+                   eager=args.vllm_eager, kv_cache_gib=args.kv_cache_gib)
 
     def _model(self):
         return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
@@ -746,13 +758,14 @@ class ChatClient:
     stats counts, cumulatively: calls, ok, failed (ok + failed = calls), requests, retries, timeouts,
     conn_errors, http_errors, garbage, errors (anything unexpected, e.g. an unreadable image), and
     seconds (wall time inside map). The openai client's own retries are off (max_retries=0): ours are
-    the only ones, so the counts are exact."""
+    the only ones, so the counts are exact. extra_body: fields added to every request, e.g. vLLM's
+    {"structured_outputs": {"choice": ["yes", "no"]}}, which constrains the reply to one of those words."""
 
     def __init__(self, url, model, api_key="EMPTY", timeout=30.0, retries=2, backoff=0.5, concurrency=64,
-                 temperature=0.0, max_tokens=1024):
+                 temperature=0.0, max_tokens=1024, extra_body=None):
         import openai                                            # imported here: only these stages need it
         self.openai, self.model, self.retries, self.backoff = openai, model, retries, backoff
-        self.sampling = dict(temperature=temperature, max_tokens=max_tokens)
+        self.sampling = dict(temperature=temperature, max_tokens=max_tokens, extra_body=extra_body)
         self.client = openai.OpenAI(base_url=url, api_key=api_key, timeout=timeout, max_retries=0)
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="chat")
         self.stats = dict.fromkeys(("calls", "ok", "failed", "requests", "retries", "timeouts", "conn_errors",
@@ -903,6 +916,16 @@ def drop_long_prompts(items, processor, max_tokens, skipped):
         else:
             skipped.add(it["where"], "prompt_too_long", f"prompt has {n} tokens > --max-prompt-tokens {max_tokens}")
     return kept
+
+
+def add_vllm_flags(p, gpu_memory_utilization):
+    """The flags stages 3, 4 and 5 share for their rollout engine (VLLMEngine.from_args)."""
+    p.add_argument("--vllm", action="store_true", help="generate with a vLLM engine in this process (GPU) instead of transformers")
+    p.add_argument("--gpu-memory-utilization", type=float, default=gpu_memory_utilization,
+                   help="vLLM: share of the whole GPU for its weights + KV cache")
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="vLLM: a fixed KV cache instead of profiling "
+                   "(for several runs sharing one GPU, e.g. an ablation: profiling counts the others' allocations)")
+    p.add_argument("--vllm-eager", action="store_true", help="vLLM: no CUDA graphs / torch.compile (faster start, slower decode)")
 
 
 def add_reliability_flags(p, save_every):

@@ -746,6 +746,23 @@ def test_05_rescore_cli_and_offline_hub(tmp_path):
     assert "--data FILE --images DIR" in r.stderr
 
 
+def test_05_voting_curve_uses_the_first_k_samples(tmp_path):
+    """Fig. 4's curve from one set of K = 5 samples: Voting@k votes over samples 0..k-1. Hand-computed, label 1:
+    item 0 samples [2,1,1,2,2] -> @1 wrong, @3 right, @5 wrong; item 1 [1,1,2,2,2] -> right, right, wrong."""
+    items = [dict(key=f"pairs:{i}", bench="pairs", id=str(i), category="pairs") for i in range(2)]
+    votes = {0: [2, 1, 1, 2, 2], 1: [1, 1, 2, 2, 2]}
+    rows = [dict(j, text=ANS("t", 1)) for j in make_jobs(items, ("chosen_first",))]
+    rows += [dict(j, text=ANS("t", votes[int(j["id"])][j["sample"]]))
+             for j in make_jobs(items, ("chosen_first",), mode="vote", k=5)]
+    gen = tmp_path / "generations_pairs_judge.jsonl"
+    gen.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_05("--rescore", str(gen), "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "o" / "eval.json").read_text())["results"]["judge"]
+    assert res["vote_curve"] == {"1": 0.5, "3": 1.0, "5": 0.0} and res["vote"]["acc"] == 0.0
+    assert "judge Voting@k: k=1 50.0, k=3 100.0, k=5 0.0" in (tmp_path / "o" / "eval.md").read_text()
+
+
 def test_read_vlrb_hub_schema(tmp_path):
     """The hub's rows: human_ranking [1, 0] means the SECOND response is preferred; a ranking that is not a
     permutation of [0, 1] is a bad label."""
@@ -1144,6 +1161,15 @@ def test_api_judge_without_image_sends_text_only(chat_server, tmp_path):
     png.write_bytes(b"x")
     assert judge_for(chat_server)([("q", "r", 1, str(png)), ("q", "r", 2)]) == [1, 1]
     assert all(len(b["messages"][0]["content"]) == 1 for b in chat_server.bodies)
+
+
+def test_api_judge_extra_body_reaches_the_server(chat_server):
+    """--judge-choice: vLLM's structured-outputs field goes into every request; without it, no extra field."""
+    choice = {"structured_outputs": {"choice": ["yes", "no"]}}
+    assert judge_for(chat_server, extra_body=choice)([("q", "r", 1)]) == [1]
+    assert judge_for(chat_server)([("q", "r", 2)]) == [1]
+    assert chat_server.bodies[0]["structured_outputs"] == choice["structured_outputs"]
+    assert "structured_outputs" not in chat_server.bodies[1]
 
 
 def test_api_judge_slow_answer_times_out(chat_server):

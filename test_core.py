@@ -763,6 +763,21 @@ def test_05_voting_curve_uses_the_first_k_samples(tmp_path):
     assert "judge Voting@k: k=1 50.0, k=3 100.0, k=5 0.0" in (tmp_path / "o" / "eval.md").read_text()
 
 
+def test_plot_curves_writes_png_and_compact_metrics(tmp_path):
+    """assets/plot_curves.py: a PNG, and the metrics rows without the item ids (what gets committed)."""
+    run = tmp_path / "rl_x"
+    run.mkdir()
+    row = dict(step=1, reward=1.25, accuracy=0.5, format_rate=1.0, filtered_frac=0.0, preclip_frac=0.001,
+               max_policy_loss=0.2, max_token_loss=3.0, response_len=40.0, ids=["a", "b"])
+    (run / "metrics.jsonl").write_text("".join(json.dumps(dict(row, step=i)) + "\n" for i in (1, 2)))
+    r = subprocess.run([sys.executable, str(Path(__file__).parent / "assets" / "plot_curves.py"), str(tmp_path / "c.png"),
+                        f"SR={run / 'metrics.jsonl'}", "--compact", str(tmp_path / "m")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    compact = [json.loads(line) for line in (tmp_path / "m" / "rl_x.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in compact] == [1, 2] and "ids" not in compact[0] and compact[0]["reward"] == 1.25
+
+
 def test_read_vlrb_hub_schema(tmp_path):
     """The hub's rows: human_ranking [1, 0] means the SECOND response is preferred; a ranking that is not a
     permutation of [0, 1] is a bad label."""

@@ -5,8 +5,9 @@ The README's training-curve figures (the small-scale analogues of the paper's Fi
     python assets/plot_curves.py assets/rl_stress.png "StableReinforce=runs/rl_s_sr/metrics.jsonl" \
         "no filter=runs/rl_s_nofilt/metrics.jsonl" "no pre-clip=..." "Reinforce++=..." --compact assets/metrics
 
-Panels: mean reward; the largest |policy loss| of any micro-batch (log scale); mean response length;
-the share of tokens zeroed by the 3-sigma filter and the share whose log-ratio hit the Pre-CLIP bounds.
+Panels: mean reward; the largest |policy loss| of any micro-batch and of any single token (log scale); mean
+response length; the share of tokens zeroed by the 3-sigma filter, and the share whose log-ratio lies outside the
+Pre-CLIP bounds [ln 1e-3, ln 1e3] (clamped only in runs with Pre-CLIP on; counted in all).
 Reward and length are shown as 5-step moving averages over the raw steps (faint).
 """
 import argparse, json
@@ -44,11 +45,12 @@ for spec in args.runs:
     c = line.get_color()
     axes[0].plot(steps, [r["reward"] for r in rows], color=c, alpha=0.2)
     axes[1].semilogy(steps, [max(r["max_policy_loss"], 1e-6) for r in rows], color=c, label=name)
+    axes[1].semilogy(steps, [max(r["max_token_loss"], 1e-6) for r in rows], color=c, ls=":", alpha=0.7)
     axes[2].plot(steps, smooth([r["response_len"] for r in rows]), color=c, label=name)
     axes[3].plot(steps, [r["filtered_frac"] for r in rows], color=c, label=f"{name}: filtered")
-    axes[3].plot(steps, [r["preclip_frac"] for r in rows], color=c, ls="--", label=f"{name}: pre-clipped")
-for ax, title in zip(axes, ("reward (mean; 5-step average)", "max |policy loss| per step (log)",
-                            "response length, tokens (5-step average)", "tokens filtered (-) / pre-clipped (--)")):
+    axes[3].plot(steps, [r["preclip_frac"] for r in rows], color=c, ls="--", label=f"{name}: out of bounds")
+for ax, title in zip(axes, ("reward (mean; 5-step average)", "max |loss|: micro-batch (-), token (:), log",
+                            "response length, tokens (5-step average)", "tokens filtered (-) / outside Pre-CLIP bounds (--)")):
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("RL step")
     ax.grid(alpha=0.3)

@@ -39,8 +39,8 @@ p.add_argument("--layers", type=int, default=4, help="tiny model: text decoder l
 p.add_argument("--vocab", type=int, default=1024, help="tiny model: BPE vocabulary size")
 p.add_argument("--vision-depth", type=int, default=2, help="tiny model: ViT blocks")
 p.add_argument("--vision-hidden", type=int, default=128, help="tiny model: ViT width (heads of 32)")
-p.add_argument("--workers", type=int, default=0, help="processes that build the batches (the image processor runs on "
-               "the CPU; on a GPU it is the bottleneck for a small model)")
+p.add_argument("--workers", type=int, default=0, help="background processes that build the batches (image processor "
+               "and tokenizer run on the CPU), so that a GPU need not wait for them")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 core.add_reliability_flags(p, save_every=50)                     # --save-every --resume --strict ...
@@ -157,12 +157,6 @@ def save(step):
                              step=step, rng=rng, bad_run=bad_run, bad_steps=bad_steps, args=vars(args))
 
 
-log = core.open_log(out / "metrics.jsonl", start if ckpt else None) if main else None
-stop = core.StopOnSigint()
-model.train()
-t0, tokens = time.time(), 0
-
-
 class Steps(torch.utils.data.Dataset):
     """Step i's items and its collated micro-batches (CPU tensors). Pairs and VQA items go in separate
     micro-batches: padding a 40-token VQA item to a 270-token pair wastes compute."""
@@ -177,6 +171,10 @@ class Steps(torch.utils.data.Dataset):
 
 loader = torch.utils.data.DataLoader(Steps(), batch_size=None, collate_fn=lambda x: x, num_workers=args.workers,
                                      prefetch_factor=4 if args.workers else None)
+log = core.open_log(out / "metrics.jsonl", start if ckpt else None) if main else None
+stop = core.StopOnSigint()
+model.train()
+t0, tokens = time.time(), 0
 for step, pair_items, vqa_items, collated in (bar := tqdm(loader, desc="sft", initial=start, total=args.steps, disable=not main)):
     loss = 0.0
     for batch, resp_mask in collated:      # loss = sum over the two sources of their mean token NLL, so the short

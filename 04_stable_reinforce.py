@@ -222,6 +222,8 @@ def rl_step(step):
     correct = [i for i in range(n) if sc["result"][i]]
     return dict(step=step + 1, reward=rewards.mean().item(), accuracy=len(correct) / n,
                 format_rate=sum(sc["format"]) / n,
+                # the share of parsed answers that pick "1": far from 0.5, the policy is learning a position shortcut
+                answered_1=sum(c == 1 for c in sc["choice"]) / max(1, sum(c is not None for c in sc["choice"])),
                 consistency_rate=sum(sc["consistency"][i] for i in correct) / max(1, len(correct)),
                 filtered_frac=filtered, preclip_frac=sum(s["preclip_frac"] for s in stats) / len(stats),
                 clip_frac=sum(s["clip_frac"] for s in stats) / len(stats),
@@ -286,7 +288,7 @@ for step in range(ckpt["step"] if ckpt else 0, args.steps):
         log.write(json.dumps(m) + "\n")
         log.flush()
     log_print(f"step {m['step']:4d}/{args.steps} | reward {m['reward']:.3f} | acc {m['accuracy']:.3f} | "
-          f"fmt {m['format_rate']:.2f} | cons {m['consistency_rate']:.2f} | filt {m['filtered_frac']:.3f} | "
+          f"fmt {m['format_rate']:.2f} | ans1 {m['answered_1']:.2f} | cons {m['consistency_rate']:.2f} | filt {m['filtered_frac']:.3f} | "
           f"preclip {m['preclip_frac']:.4f} | clip {m['clip_frac']:.3f} | loss {m['policy_loss']:+.4f} | "
           f"kl {m['kl']:.4f} | len {m['response_len']:.1f} | {m['seconds']:.1f}s | roll {m['rollout_tok_s']:.0f} tok/s | "
           f"train {m['train_tok_s']:.0f} tok/s" + (f" MFU {100 * m['mfu']:.1f}% | peak GiB roll/train "

@@ -137,9 +137,7 @@ def step_items(step):
 
 # ------------------------------------------------------------------------------------------ train
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-warm = max(1, int(args.warmup * args.steps))
-sched = torch.optim.lr_scheduler.LambdaLR(
-    opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, args.steps - warm))))
+sched = core.warmup_cosine(opt, args.steps, args.warmup)        # linear warm-up, then cosine to 0
 start, bad_run, bad_steps, row = 0, 0, 0, {}
 if ckpt:
     core.load_full_state(model, opt, ckpt["model"], ckpt["opt"])

@@ -37,7 +37,10 @@ p.add_argument("--steps", type=int, default=20, help="rollout steps (paper: ~350
 p.add_argument("--rollout-batch", type=int, default=32, help="prompts per rollout, 1 sample each (paper: 256)")
 p.add_argument("--train-batch", type=int, default=16, help="sequences per optimizer step (paper: 128)")
 p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward (memory only)")
-p.add_argument("--lr", type=float, default=2e-5, help="AdamW LR (paper: 1e-6 for 7B; official script 3e-7)")
+p.add_argument("--lr", type=float, default=2e-5, help="peak AdamW LR (paper: 1e-6 for 7B; official script 3e-7)")
+p.add_argument("--warmup", type=float, default=0.03, help="fraction of optimizer steps of linear LR warm-up, then cosine "
+               "down to --min-lr-ratio x --lr (the official script's schedule; the paper states only the peak)")
+p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the final LR as a fraction of --lr (official script: 0.1)")
 p.add_argument("--beta", type=float, default=0.0, help="KL coefficient in the reward, k1 (paper: 0; official script 1e-3)")
 p.add_argument("--eps-clip", type=float, default=0.2, help="PPO clip epsilon")
 p.add_argument("--no-pre-clip", action="store_true", help="ablation: drop Pre-CLIP [SR-1]")
@@ -95,6 +98,7 @@ if world > 1:                                   # FSDP2: fp32 master shards, bf1
     for m_ in filter(None, (model, ref_model)):
         core.fsdp2(m_, bf16=args.device.startswith("cuda"))
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+sched = core.warmup_cosine(opt, args.steps * (args.rollout_batch // args.train_batch), args.warmup, args.min_lr_ratio)
 judge = core.RuleJudge() if args.judge == "rule" else core.APIJudge(core.ChatClient(
     args.judge_url, args.judge_model, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), timeout=args.judge_timeout,
     retries=args.judge_retries, concurrency=args.judge_concurrency, max_tokens=8,
@@ -212,6 +216,7 @@ def rl_step(step):
         health["run"] = 0 if ok else health["run"] + 1                                         # non-finite step
         health["skipped"] += not ok                                                            # poison the weights
         health["stop"] |= health["run"] >= args.max_bad_steps
+        sched.step()                                       # a skipped step still uses its LR slot, as in stage 2
         skipped += not ok
         gnorms.append(gnorm)
     t_train = time.time() - t_train
@@ -230,7 +235,7 @@ def rl_step(step):
                 max_token_loss=max(s["max_token_loss"] for s in stats),
                 policy_loss=sum(losses) / len(losses), max_policy_loss=max(abs(x) for x in losses),
                 kl=(core.masked_mean(kl, mask).item() if kl is not None else 0.0),
-                grad_norm=max(gnorms), skipped_steps=skipped,
+                grad_norm=max(gnorms), skipped_steps=skipped, lr=sched.get_last_lr()[0],
                 response_len=mask.sum(-1).mean().item(), rollout_s=t_rollout, seconds=time.time() - t0,
                 rollout_tok_s=mask.sum().item() / t_gen, train_tok_s=train_tok_s, train_s=t_train,
                 mfu=6 * n_params * train_tok_s / (world * peak * 1e12) if peak else 0.0, **mem,
@@ -268,14 +273,15 @@ def save_resume(step):
     model_state, opt_state = core.full_state(model, opt)
     rng = core.all_gather(core.rng_state())
     if main:
-        core.save_checkpoint(out / "resume.pt", model=model_state, opt=opt_state, step=step, rng=rng,
-                             health=health, args=vars(args))
+        core.save_checkpoint(out / "resume.pt", model=model_state, opt=opt_state, sched=sched.state_dict(), step=step,
+                             rng=rng, health=health, args=vars(args))
 
 
 health = dict(run=0, skipped=0, stop=False)      # non-finite optimizer steps: in a row, in total, K reached
 ckpt = core.load_checkpoint(out / "resume.pt", args) if args.resume else None
 if ckpt:
     core.load_full_state(model, opt, ckpt["model"], ckpt["opt"])
+    sched.load_state_dict(ckpt["sched"])
     core.set_rng_state(ckpt["rng"][rank])
     health = dict(ckpt["health"], stop=False)
 log = core.open_log(out / "metrics.jsonl", ckpt["step"] if ckpt else None) if main else None

@@ -1003,6 +1003,16 @@ def guarded_step(model, opt, loss_ok, max_norm=1.0):
     return gnorm.item(), ok
 
 
+def warmup_cosine(opt, total, warmup, floor=0.0):
+    """LR schedule: linear warm-up over the first W = max(1, int(warmup * total)) optimizer steps, then a cosine from
+    the peak down to floor x peak at step `total`. The LR factor at optimizer step s (0-based):
+        s < W:  (s + 1) / W
+        s >= W: floor + (1 - floor) * (1 + cos(pi * (s - W) / (total - W))) / 2"""
+    warm = max(1, int(warmup * total))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else floor + (1 - floor) * 0.5 * (
+        1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+
+
 class StopOnSigint:
     """The first Ctrl-C (SIGINT) only sets .requested: the loop finishes its step, saves and exits 0.
     A second Ctrl-C raises KeyboardInterrupt as usual."""

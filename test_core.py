@@ -33,7 +33,7 @@ from stable_reinforce_core import (APIJudge, BadInput, ChatClient, PROMPT_TEMPLA
                                    load_checkpoint, load_items, majority_vote, open_log, parse_choice,
                                    parse_judge_reply, reinforce_returns, reward, rng_state, save_checkpoint,
                                    score_rollouts, set_rng_state, stable_policy_loss,
-                                   standardize_and_filter)
+                                   standardize_and_filter, warmup_cosine)
 
 LOG_HI = math.log(1e3)                                    # 6.9078: the paper's delta_max in log space
 ANS = lambda think, a: f"<think>{think}</think><answer>{a}</answer>"
@@ -1481,6 +1481,22 @@ def test_checkpoint_survives_a_crash_mid_save(tmp_path, monkeypatch):
     assert state["step"] == 1 and state["weights"].tolist() == [0.0, 1.0, 2.0, 3.0]
     save_checkpoint(path, step=3, weights=torch.ones(4), args={})   # the next save replaces the partial file
     assert load_checkpoint(path)["step"] == 3 and not (tmp_path / "resume.pt.tmp").exists()
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.1])
+def test_warmup_cosine_by_hand(floor):
+    """total 6, warmup 0.34 -> W = int(2.04) = 2 warm-up steps: factors 1/2, 2/2. Then s = 2..6 puts the cosine at
+    0, pi/4, pi/2, 3pi/4, pi, i.e. (1 + cos)/2 = 1, q, 1/2, 1 - q, 0 with q = (2 + sqrt 2)/4, each mapped to
+    floor + (1 - floor) * value. The LR read before optimizer step s is the factor for s."""
+    opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=2.0)
+    sched = warmup_cosine(opt, total=6, warmup=0.34, floor=floor)
+    got = []
+    for _ in range(7):
+        got.append(opt.param_groups[0]["lr"] / 2.0)
+        opt.step()
+        sched.step()
+    q = (2 + 2 ** 0.5) / 4
+    assert got == pytest.approx([0.5, 1.0] + [floor + (1 - floor) * v for v in (1.0, q, 0.5, 1 - q, 0.0)])
 
 
 def test_guarded_step_skips_non_finite_and_keeps_weights_bit_identical():

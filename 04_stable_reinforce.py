@@ -294,7 +294,8 @@ for step in range(ckpt["step"] if ckpt else 0, args.steps):
         log.write(json.dumps(m) + "\n")
         log.flush()
     log_print(f"step {m['step']:4d}/{args.steps} | reward {m['reward']:.3f} | acc {m['accuracy']:.3f} | "
-          f"fmt {m['format_rate']:.2f} | ans1 {m['answered_1']:.2f} | cons {m['consistency_rate']:.2f} | filt {m['filtered_frac']:.3f} | "
+          f"fmt {m['format_rate']:.2f} | ans1 {m['answered_1']:.2f} | cons {m['consistency_rate']:.2f} | "
+          f"filt {m['filtered_frac']:.3f} | "
           f"preclip {m['preclip_frac']:.4f} | clip {m['clip_frac']:.3f} | loss {m['policy_loss']:+.4f} | "
           f"kl {m['kl']:.4f} | len {m['response_len']:.1f} | {m['seconds']:.1f}s | roll {m['rollout_tok_s']:.0f} tok/s | "
           f"train {m['train_tok_s']:.0f} tok/s" + (f" MFU {100 * m['mfu']:.1f}% | peak GiB roll/train "

@@ -28,6 +28,10 @@ p.add_argument("--out", default="runs/02_sft")
 p.add_argument("--model", default="tiny", help="'tiny' or 'random-7b' (random init at the Qwen2.5-VL-7B shape, built "
                "here with the tiny tokenizer: for benchmarks without a download), a hub id or a local folder")
 p.add_argument("--steps", type=int, default=450, help="optimizer steps")
+p.add_argument("--micro-batch", type=int, default=0, help="items per forward/backward (0 = a rank's whole share "
+               "of a source at once); memory only: the loss and the gradient are the same")
+p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (decoder layers and vision blocks)")
+p.add_argument("--init-only", action="store_true", help="build the random model in --out/init (tiny or random-7b), then stop")
 p.add_argument("--batch-size", type=int, default=16, help="pair items per step")
 p.add_argument("--lr", type=float, default=5e-4, help="peak LR (paper: 1e-5 for 7B)")
 p.add_argument("--see-first", type=int, default=100, help="first steps train on VQA items only (learn to see, then judge)")
@@ -105,7 +109,8 @@ def build_tiny(path):
     config = core.qwen25vl_config(ids, len(tok), args.model, args.hidden, args.layers, args.vision_depth, args.vision_hidden)
     if args.model == "random-7b":        # 8.29B parameters: built and saved in bf16 (16.6 GB), which any later stage loads
         torch.set_default_dtype(torch.bfloat16)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    with torch.device(args.device if args.model == "random-7b" else "cpu"):     # a GPU initialises 8B weights in seconds
+        model = Qwen2_5_VLForConditionalGeneration(config)
     torch.set_default_dtype(torch.float32)
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = ids["<|im_end|>"], ids["<|endoftext|>"]
     model.save_pretrained(path)
@@ -118,7 +123,12 @@ ckpt = core.load_checkpoint(out / "resume.pt", args) if args.resume else None
 model_path = (str(out / "init") if ckpt or not main else build_tiny(out / "init")) if args.model in ("tiny", "random-7b") else args.model
 if world > 1:
     torch.distributed.barrier()                                   # rank 0 has built the tiny model by now
+if args.init_only:
+    print(f"--init-only: {model_path} is ready; train it here or pass it to any stage's --model")
+    raise SystemExit(0)
 model, processor = core.load_policy(model_path, device=args.device)
+if args.grad_ckpt:
+    model.gradient_checkpointing_enable({"use_reentrant": False})
 if world > 1:                                   # FSDP2: fp32 master shards, bf16 compute on GPUs (STACK.md s10)
     core.fsdp2(model, bf16=args.device.startswith("cuda"))
 print(f"rank {rank}/{world}: loaded {model_path} on {args.device}")
@@ -156,15 +166,20 @@ def save(step):
 
 
 class Steps(torch.utils.data.Dataset):
-    """Step i's items and its collated micro-batches (CPU tensors). Pairs and VQA items go in separate
-    micro-batches: padding a 40-token VQA item to a 270-token pair wastes compute."""
+    """Step i's items and its collated micro-batches (CPU tensors), each with its source's response-token count.
+    Pairs and VQA items go in separate micro-batches: padding a 40-token VQA item to a 270-token pair wastes compute."""
     def __len__(self):
         return args.steps - start
 
     def __getitem__(self, i):
         pair_items, vqa_items = step_items(start + 1 + i)
-        return start + 1 + i, pair_items, vqa_items, [core.collate(processor, *map(list, zip(*map(example, mb))))
-                                                       for mb in (pair_items, vqa_items) if mb]
+        micro = []
+        for items in (pair_items, vqa_items):
+            size = args.micro_batch or len(items) or 1
+            parts = [core.collate(processor, *map(list, zip(*map(example, items[j:j + size]))))
+                     for j in range(0, len(items), size)]
+            micro += [(batch, mask, sum(int(m.sum()) for _, m in parts)) for batch, mask in parts]
+        return start + 1 + i, pair_items, vqa_items, micro
 
 
 loader = torch.utils.data.DataLoader(Steps(), batch_size=None, collate_fn=lambda x: x, num_workers=args.workers,
@@ -175,9 +190,9 @@ model.train()
 t0, tokens = time.time(), 0
 for step, pair_items, vqa_items, collated in (bar := tqdm(loader, desc="sft", initial=start, total=args.steps, disable=not main)):
     loss = 0.0
-    for batch, resp_mask in collated:      # loss = sum over the two sources of their mean token NLL, so the short
-        batch, resp_mask = {k: v.to(args.device) for k, v in batch.items()}, resp_mask.to(args.device)
-        part = -core.response_logprobs(model, batch, resp_mask).sum() / resp_mask.sum()   # VQA answers weigh as
+    for batch, resp_mask, n_resp in collated:  # loss = sum over the two sources of their mean token NLL, so the
+        batch, resp_mask = {k: v.to(args.device) for k, v in batch.items()}, resp_mask.to(args.device)  # short
+        part = -core.response_logprobs(model, batch, resp_mask).sum() / n_resp            # VQA answers weigh as
         if step in args.inject_nan_at:                                                     # much as the pairs
             part = part * float("nan")
         part.backward()

@@ -59,6 +59,10 @@ p.add_argument("--max-new-tokens", type=int, default=96, help="paper: 1024")
 core.add_vllm_flags(p, gpu_memory_utilization=0.3)     # --vllm (colocated engine) --gpu-memory-utilization ...
 p.add_argument("--max-model-len", type=int, default=4096, help="vLLM: prompt + response token budget")
 p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (decoder layers and vision blocks)")
+p.add_argument("--benchmark", action="store_true", help="measure, do not keep: before each rollout, time a plain vLLM "
+               "generate of the same requests (the baseline of rollout tok/s), and save no checkpoint and no model")
+p.add_argument("--profile-step", type=int, default=0, help="torch-profile this step's policy update (rank 0): writes "
+               "profile_step<N>.txt (ops by GPU time) and a Chrome trace to --out")
 p.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default: 989 on H100/H200, bf16 dense)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -130,6 +134,11 @@ n_params = sum(p.numel() for p in model.parameters())          # the full count,
 peak = args.peak_tflops or (989.0 if cuda and any(g in torch.cuda.get_device_name() for g in ("H100", "H200")) else None)
 
 
+def device_used():
+    """GiB in use on this GPU by every allocator (torch's cache, vLLM's pool, contexts), as the driver sees it."""
+    return (lambda free, total: (total - free) / 2**30)(*torch.cuda.mem_get_info()) if cuda else 0.0
+
+
 def gib_peak():
     """Peak memory of this process's torch allocator since the last call, GiB (vLLM's memory is not in it)."""
     if not cuda:
@@ -140,7 +149,7 @@ def gib_peak():
 
 
 def rl_step(step):
-    t0 = time.time()
+    t0, mem = time.time(), {}
     gib_peak()
     batch_items = prompts(step)[rank::world]                        # this rank's share of the rollout batch
     views = [core.pair_view(it) for it in batch_items]
@@ -148,12 +157,15 @@ def rl_step(step):
 
     # 1. rollouts: one sample per prompt at T = 1.0, top-p 1 (PAPER.md s2.5)
     model.eval()
-    ids, texts, vllm_logp = [], [], None
+    ids, texts, vllm_logp, plain = [], [], None, (0, 0.0)
     if engine:                  # wake, sync this step's weights (bf16), generate, sleep again for training
         engine.sync(model.named_parameters())
+        if args.benchmark:      # the same requests, bare: the yardstick of this step's rollout speed
+            plain = engine.plain_generate(msgs, args.max_new_tokens, args.temperature)
         t_gen = time.time()
         ids, texts, vllm_logp, _ = engine.sample(msgs, args.max_new_tokens, args.temperature)
         t_gen = time.time() - t_gen
+        mem["device_rollout_gib"] = device_used()        # trainer + awake engine (weights, KV cache), from the driver
         engine.sleep()
     else:
         for i in range(0, len(msgs), args.micro_batch):
@@ -162,8 +174,7 @@ def rl_step(step):
             ids, texts = ids + ids_i, texts + texts_i
         t_gen = time.time() - t0
     t_rollout = time.time() - t0
-    mem = dict(rollout_peak_gib=gib_peak(), gpu_used_gib=(lambda f, t: (t - f) / 2**30)(*torch.cuda.mem_get_info())
-               if cuda else 0.0)                    # (gpu_used: after vLLM went back to sleep)
+    mem["rollout_peak_gib"] = gib_peak()
 
     # 2. rewards [SR-3]: format, result, and consistency from the judge (asked only where the answer is right)
     t_judge = time.time()
@@ -200,6 +211,9 @@ def rl_step(step):
     model.train()
     t_train, train_tokens = time.time(), sum(int(c["batch"]["attention_mask"].sum()) for c in chunks)
     per_step = args.train_batch // (world * args.micro_batch)         # micro-batches per optimizer step, per rank
+    prof = torch.profiler.profile() if step + 1 == args.profile_step and main else None
+    if prof:
+        prof.start()
     losses, stats, gnorms, skipped = [], [], [], 0
     for s in range(0, len(chunks), per_step):
         for c in chunks[s:s + per_step]:
@@ -220,7 +234,12 @@ def rl_step(step):
         skipped += not ok
         gnorms.append(gnorm)
     t_train = time.time() - t_train
-    mem["train_peak_gib"] = gib_peak()
+    if prof:
+        prof.stop()
+        prof.export_chrome_trace(str(out / f"profile_step{step + 1}.json"))
+        (out / f"profile_step{step + 1}.txt").write_text(prof.key_averages().table(
+            sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=40))
+    mem.update(train_peak_gib=gib_peak(), device_train_gib=device_used())   # torch's cache still holds the training peak
     train_tok_s = train_tokens * world / t_train                        # all ranks; MFU = 6 N tokens / (time * peak)
 
     n = len(texts)
@@ -237,7 +256,8 @@ def rl_step(step):
                 kl=(core.masked_mean(kl, mask).item() if kl is not None else 0.0),
                 grad_norm=max(gnorms), skipped_steps=skipped, lr=sched.get_last_lr()[0],
                 response_len=mask.sum(-1).mean().item(), rollout_s=t_rollout, seconds=time.time() - t0,
-                rollout_tok_s=mask.sum().item() / t_gen, train_tok_s=train_tok_s, train_s=t_train,
+                rollout_tok_s=mask.sum().item() / t_gen, plain_vllm_tok_s=plain[0] / max(plain[1], 1e-9),
+                rollout_phase_tok_s=mask.sum().item() / t_rollout, train_tok_s=train_tok_s, train_s=t_train,
                 mfu=6 * n_params * train_tok_s / (world * peak * 1e12) if peak else 0.0, **mem,
                 logp_delta_mean=delta.mean().item(),
                 logp_delta_max=delta.max().item(), **(engine.timings if engine else {}),
@@ -264,7 +284,7 @@ def merge(rows):
         if k.startswith("judge_"):
             m[k] = sum(r[k] for r in rows)
         elif isinstance(v, float):
-            m[k] = (max if "max" in k or "peak" in k or k == "grad_norm" else lambda xs: sum(xs) / len(xs))([r[k] for r in rows])
+            m[k] = (max if "max" in k or "gib" in k or k == "grad_norm" else lambda xs: sum(xs) / len(xs))([r[k] for r in rows])
     return m
 
 
@@ -298,22 +318,25 @@ for step in range(ckpt["step"] if ckpt else 0, args.steps):
           f"filt {m['filtered_frac']:.3f} | "
           f"preclip {m['preclip_frac']:.4f} | clip {m['clip_frac']:.3f} | loss {m['policy_loss']:+.4f} | "
           f"kl {m['kl']:.4f} | len {m['response_len']:.1f} | {m['seconds']:.1f}s | roll {m['rollout_tok_s']:.0f} tok/s | "
-          f"train {m['train_tok_s']:.0f} tok/s" + (f" MFU {100 * m['mfu']:.1f}% | peak GiB roll/train "
-          f"{m['rollout_peak_gib']:.1f}/{m['train_peak_gib']:.1f}" if peak else "")
+          f"train {m['train_tok_s']:.0f} tok/s" + (f" MFU {100 * m['mfu']:.1f}% | GiB torch peak roll/train "
+          f"{m['rollout_peak_gib']:.1f}/{m['train_peak_gib']:.1f}, GPU {m['device_rollout_gib']:.1f}/"
+          f"{m['device_train_gib']:.1f}" if peak else "")
+          + (f" | plain vLLM {m['plain_vllm_tok_s']:.0f} tok/s" if args.benchmark and engine else "")
           + (f" | dlogp {m['logp_delta_mean']:.4f}/{m['logp_delta_max']:.3f} | sync {m['sync_s']:.2f}s "
              f"wake {m['wake_s']:.2f}s sleep {m['sleep_s']:.2f}s" if engine else "") + judge_note(m)
           + (f" | {world} ranks in step: {m['ranks_in_step']}" if world > 1 else ""), flush=True)
-    if health["stop"] or stop.requested or (args.save_every and (step + 1) % args.save_every == 0):
+    if not args.benchmark and (health["stop"] or stop.requested or (args.save_every and (step + 1) % args.save_every == 0)):
         save_resume(step + 1)
     if health["stop"]:
         raise SystemExit(f"stopping at step {step + 1}: {health['run']} non-finite optimizer steps in a row "
                          f"(--max-bad-steps). {out / 'resume.pt'} holds the last good weights.")
     if stop.requested:
-        log_print(f"interrupted: saved {out / 'resume.pt'} at step {step + 1}/{args.steps}; continue with --resume")
+        log_print(f"interrupted at step {step + 1}/{args.steps} (--benchmark: nothing saved)" if args.benchmark else
+                  f"interrupted: saved {out / 'resume.pt'} at step {step + 1}/{args.steps}; continue with --resume")
         raise SystemExit(0)
 
-final_state, _ = core.full_state(model)                  # under FSDP2: gathered to rank 0
-if main:
+final_state, _ = core.full_state(model) if not args.benchmark else (None, None)   # FSDP2: gathered to rank 0
+if main and not args.benchmark:
     plain = model if world == 1 else core.load_policy(args.model)[0]   # an unsharded copy to save from
     plain.load_state_dict(final_state)
     plain.save_pretrained(out / "model")

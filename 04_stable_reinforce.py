@@ -61,8 +61,8 @@ p.add_argument("--max-model-len", type=int, default=4096, help="vLLM: prompt + r
 p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (decoder layers and vision blocks)")
 p.add_argument("--benchmark", action="store_true", help="measure, do not keep: before each rollout, time a plain vLLM "
                "generate of the same requests (the baseline of rollout tok/s), and save no checkpoint and no model")
-p.add_argument("--profile-step", type=int, default=0, help="torch-profile this step's policy update (rank 0): writes "
-               "profile_step<N>.txt (ops by GPU time) and a Chrome trace to --out")
+p.add_argument("--profile-step", type=int, default=0, help="torch-profile the first optimizer step of this step's policy "
+               "update (rank 0): writes profile_step<N>.txt to --out, ops by GPU time and the GPU's busy share")
 p.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default: 989 on H100/H200, bf16 dense)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,7 +101,8 @@ if args.grad_ckpt:
 if world > 1:                                   # FSDP2: fp32 master shards, bf16 compute on GPUs (STACK.md s10)
     for m_ in filter(None, (model, ref_model)):
         core.fsdp2(m_, bf16=args.device.startswith("cuda"))
-opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,   # fused: no
+                        fused=args.device.startswith("cuda"))        # parameter-sized temporaries (foreach makes ~2)
 sched = core.warmup_cosine(opt, args.steps * (args.rollout_batch // args.train_batch), args.warmup, args.min_lr_ratio)
 judge = core.RuleJudge() if args.judge == "rule" else core.APIJudge(core.ChatClient(
     args.judge_url, args.judge_model, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"), timeout=args.judge_timeout,
@@ -148,6 +149,17 @@ def gib_peak():
     return gib
 
 
+def write_profile(prof, wall, path):
+    """The profiled ops by GPU time, headed by how busy the GPU's compute kernels kept it (NCCL runs beside them)."""
+    if cuda:
+        torch.cuda.synchronize()
+    prof.stop()
+    ev = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in ev if "nccl" not in e.key.lower()) / 1e6
+    path.write_text(f"{wall:.2f} s wall; compute kernels busy {busy:.2f} s ({100 * busy / wall:.0f}%)\n" + ev.table(
+        sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=50))
+
+
 def rl_step(step):
     t0, mem = time.time(), {}
     gib_peak()
@@ -184,13 +196,14 @@ def rl_step(step):
     rewards = torch.tensor(sc["reward"], dtype=torch.float32)
 
     # 3. old (and reference) log-probs, recomputed by the trainer WITH the image [fix B2]
-    chunks = []
+    chunks, t_old = [], time.time()
     with torch.no_grad(), amp:
         for i in range(0, len(msgs), args.micro_batch):
             batch, mask = core.collate(processor, msgs[i:i + args.micro_batch], ids[i:i + args.micro_batch], args.device)
             old = core.response_logprobs(model, batch, mask, banned, args.temperature)
             ref = core.response_logprobs(ref_model, batch, mask, banned, args.temperature) if ref_model else None
             chunks.append(dict(batch=batch, mask=mask, old=old, kl=core.kl_k1(old, ref) if ref is not None else None))
+    t_old = time.time() - t_old
     # sampler vs trainer: |log pi_vLLM(a_t) - log pi_trainer(a_t)| over sampled tokens (should be ~0.01, bf16 noise)
     delta = torch.cat([(c["old"][r, :len(lp)].float().cpu() - torch.tensor(lp)).abs() for j, c in enumerate(chunks)
                        for r, lp in enumerate(vllm_logp[j * args.micro_batch:(j + 1) * args.micro_batch])]) \
@@ -214,6 +227,7 @@ def rl_step(step):
     prof = torch.profiler.profile() if step + 1 == args.profile_step and main else None
     if prof:
         prof.start()
+        t_prof = time.time()
     losses, stats, gnorms, skipped = [], [], [], 0
     for s in range(0, len(chunks), per_step):
         for c in chunks[s:s + per_step]:
@@ -233,12 +247,10 @@ def rl_step(step):
         sched.step()                                       # a skipped step still uses its LR slot, as in stage 2
         skipped += not ok
         gnorms.append(gnorm)
+        if prof:                                     # one optimizer step is enough, and keeps the event count low
+            write_profile(prof, time.time() - t_prof, out / f"profile_step{step + 1}.txt")
+            prof = None
     t_train = time.time() - t_train
-    if prof:
-        prof.stop()
-        prof.export_chrome_trace(str(out / f"profile_step{step + 1}.json"))
-        (out / f"profile_step{step + 1}.txt").write_text(prof.key_averages().table(
-            sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=40))
     mem.update(train_peak_gib=gib_peak(), device_train_gib=device_used())   # torch's cache still holds the training peak
     train_tok_s = train_tokens * world / t_train                        # all ranks; MFU = 6 N tokens / (time * peak)
 
@@ -255,7 +267,7 @@ def rl_step(step):
                 policy_loss=sum(losses) / len(losses), max_policy_loss=max(abs(x) for x in losses),
                 kl=(core.masked_mean(kl, mask).item() if kl is not None else 0.0),
                 grad_norm=max(gnorms), skipped_steps=skipped, lr=sched.get_last_lr()[0],
-                response_len=mask.sum(-1).mean().item(), rollout_s=t_rollout, seconds=time.time() - t0,
+                response_len=mask.sum(-1).mean().item(), rollout_s=t_rollout, old_logp_s=t_old, seconds=time.time() - t0,
                 rollout_tok_s=mask.sum().item() / t_gen, plain_vllm_tok_s=plain[0] / max(plain[1], 1e-9),
                 rollout_phase_tok_s=mask.sum().item() / t_rollout, train_tok_s=train_tok_s, train_s=t_train,
                 mfu=6 * n_params * train_tok_s / (world * peak * 1e12) if peak else 0.0, **mem,

@@ -88,7 +88,8 @@ engine = None
 if args.vllm:            # the engine first: its memory budget is a share of the whole GPU (STACK.md s1)
     engine = core.VLLMEngine.from_args(args, args.model, args.seed + rank, args.max_model_len)
     engine.sleep()
-    log_print(f"vLLM engine started in {engine.timings['start_s']:.1f} s")
+    log_print(f"vLLM engine started in {engine.timings['start_s']:.1f} s; torch's allocator counts its "
+              f"{engine.torch_counted_bytes / 2**30:.1f} GiB pool, which the trainer's peaks below leave out")
 model, processor = core.load_policy(args.model, device=args.device)
 items = core.drop_long_prompts(items, processor, args.max_prompt_tokens, bad_rows)
 if not items:
@@ -141,23 +142,28 @@ def device_used():
 
 
 def gib_peak():
-    """Peak memory of this process's torch allocator since the last call, GiB (vLLM's memory is not in it)."""
+    """The trainer's peak memory since the last call, GiB: torch's allocator peak, less the vLLM pool it also
+    counts (even while the engine sleeps; core.VLLMEngine.torch_counted_bytes)."""
     if not cuda:
         return 0.0
-    gib = torch.cuda.max_memory_allocated() / 2**30
+    gib = (torch.cuda.max_memory_allocated() - (engine.torch_counted_bytes if engine else 0)) / 2**30
     torch.cuda.reset_peak_memory_stats()
     return gib
 
 
 def write_profile(prof, wall, path):
-    """The profiled ops by GPU time, headed by how busy the GPU's compute kernels kept it (NCCL runs beside them)."""
+    """The profiled ops by GPU time, headed by the GPU's busy share: the union of its kernels' time spans, so
+    kernels that overlap (NCCL beside compute) count once and busy + idle = wall."""
     if cuda:
         torch.cuda.synchronize()
     prof.stop()
-    ev = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in ev if "nccl" not in e.key.lower()) / 1e6
-    path.write_text(f"{wall:.2f} s wall; compute kernels busy {busy:.2f} s ({100 * busy / wall:.0f}%)\n" + ev.table(
-        sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=50))
+    busy, end = 0.0, 0.0
+    for s, e in sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA):
+        busy, end = busy + max(0.0, e - max(s, end)), max(end, e)
+    path.write_text(f"{wall:.2f} s wall; GPU busy {busy / 1e6:.2f} s ({100 * busy / 1e6 / wall:.0f}%)\n" +
+                    prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                              row_limit=50))
 
 
 def rl_step(step):
@@ -330,7 +336,7 @@ for step in range(ckpt["step"] if ckpt else 0, args.steps):
           f"filt {m['filtered_frac']:.3f} | "
           f"preclip {m['preclip_frac']:.4f} | clip {m['clip_frac']:.3f} | loss {m['policy_loss']:+.4f} | "
           f"kl {m['kl']:.4f} | len {m['response_len']:.1f} | {m['seconds']:.1f}s | roll {m['rollout_tok_s']:.0f} tok/s | "
-          f"train {m['train_tok_s']:.0f} tok/s" + (f" MFU {100 * m['mfu']:.1f}% | GiB torch peak roll/train "
+          f"train {m['train_tok_s']:.0f} tok/s" + (f" MFU {100 * m['mfu']:.1f}% | GiB trainer peak roll/train "
           f"{m['rollout_peak_gib']:.1f}/{m['train_peak_gib']:.1f}, GPU {m['device_rollout_gib']:.1f}/"
           f"{m['device_train_gib']:.1f}" if peak else "")
           + (f" | plain vLLM {m['plain_vllm_tok_s']:.0f} tok/s" if args.benchmark and engine else "")

@@ -876,6 +876,46 @@ def tiny_vl():
     return Qwen2_5_VLForConditionalGeneration(config).eval(), processor
 
 
+def windowed_vl_pair(device="cpu"):
+    """Two copies of a tiny Qwen2.5-VL whose ViT uses 56-px windows in block 0 and whole images in block 1 (the 7B's
+    layout, scaled down), one on transformers' per-segment sdpa loop and one on core.varlen_vision_attention."""
+    import copy
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from stable_reinforce_core import use_varlen_vision_attention
+    _, processor = tiny_vl()
+    c = tiny_vl()[0].config.to_dict()
+    c["vision_config"].update(depth=2, fullatt_block_indexes=[1], window_size=56)
+    torch.manual_seed(0)
+    loop = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**c)).eval().to(device)
+    return loop, use_varlen_vision_attention(copy.deepcopy(loop)), processor
+
+
+def test_varlen_vision_attention_equals_the_per_window_loop(tmp_path):
+    """A 112 x 112 image (8 x 8 patches = four 4 x 4 windows) and an 84 x 56 one (4 x 6 patches) in one batch: 6
+    windows in block 0, 2 images in block 1. One block-diagonal call must give the loop's logits; the language model keeps sdpa, and
+    a saved checkpoint does not name the custom attention (it reloads anywhere)."""
+    from stable_reinforce_core import build_messages, collate
+    loop, varlen, processor = windowed_vl_pair()
+    images = [Image.new("RGB", (112, 112), "red"), Image.new("RGB", (84, 56), "blue")]
+    for im, px in zip(images, ([(5, 5), (90, 20), (30, 100)], [(10, 40), (70, 5)])):
+        for xy in px:
+            im.putpixel(xy, (0, 255, 0))
+    batch, _ = collate(processor, [build_messages("q?", "a", "b", im) for im in images])
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 4, 6]]
+    assert varlen.config.vision_config._attn_implementation == "flash_varlen_r1"
+    assert varlen.config.text_config._attn_implementation == loop.config.text_config._attn_implementation == "sdpa"
+    calls = []
+    hook = varlen.model.visual.blocks[0].attn.register_forward_hook(lambda m, a, kw, o: calls.append(kw["cu_seqlens"]),
+                                                                    with_kwargs=True)
+    with torch.no_grad():
+        a, b = loop(**batch).logits, varlen(**batch).logits
+    hook.remove()
+    assert calls[0].tolist() == [0, 16, 32, 48, 64, 80, 88]     # four 4 x 4 windows; the 4 x 6 image: 4 x 4 + 4 x 2
+    assert (a - b).abs().max().item() < 1e-5
+    varlen.save_pretrained(tmp_path)
+    assert "flash_varlen_r1" not in (tmp_path / "config.json").read_text()
+
+
 def test_collate_mixed_image_and_video_batch_forward_and_sample():
     """[image item, video item] in one batch: 4 frames of 84x56 px -> grid (4/2, 56/14, 84/14) = (2, 4, 6), so
     2*4*6/4 = 12 <|video_pad|> tokens, with mm_token_type_ids 2 exactly there (1 on the 4 image tokens).
@@ -1043,10 +1083,15 @@ def test_vllm_e_rl_steps_one_gpu(vllm_rig):
               "--out", d / "hard", "--num-items", "256", "--attempts", "1", "--min-difficulty", "1", "--vllm",
               "--gpu-memory-utilization", "0.2")
     out = run_script("04_stable_reinforce.py", "--data", d / "hard" / "rl_pairs.jsonl", "--model", vllm_rig["path"],
-                    "--out", d / "rl", "--steps", "3", "--vllm", "--gpu-memory-utilization", "0.2")
+                    "--out", d / "rl", "--steps", "3", "--vllm", "--gpu-memory-utilization", "0.2", "--profile-step", "2")
     print(out)
     rows = [json.loads(l) for l in (d / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+    head = (d / "rl" / "profile_step2.txt").read_text().splitlines()[0]          # "<wall> s wall; GPU busy <s> s (<%>)"
+    print(head)
+    wall, busy = float(head.split()[0]), float(head.split("GPU busy ")[1].split()[0])
+    assert 0 < busy <= wall + 0.01
+    assert all(r["train_peak_gib"] < 4 for r in rows)   # the tiny trainer's own peak, not the ~27 GiB vLLM pool
     assert all(math.isfinite(r["policy_loss"]) and r["logp_delta_mean"] <= 0.01 for r in rows)
 
 
@@ -1063,6 +1108,27 @@ def test_vllm_e_rl_steps_two_gpus_torchrun(vllm_rig):
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["ranks_in_step"] for r in rows)
     assert all(math.isfinite(r["policy_loss"]) and r["logp_delta_mean"] <= 0.01 for r in rows)
     assert all(len(set(r["ids"])) == len(r["ids"]) == 32 for r in rows)     # the two ranks' halves, no overlap
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_varlen_vision_kernel_matches_the_loop():
+    """The CUDA path of core.varlen_vision_attention (torch's varlen flash kernel), in bf16 autocast as the trainer
+    runs it, against transformers' per-window sdpa loop: the ViT's output and its gradients agree to bf16 noise."""
+    from stable_reinforce_core import build_messages, collate
+    loop, varlen, processor = windowed_vl_pair("cuda")
+    ims = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8))
+           for i, (h, w) in enumerate([(112, 112), (56, 84), (112, 56)])]
+    batch, _ = collate(processor, [build_messages("q?", "a", "b", im) for im in ims], device="cuda")
+    out = []
+    for m in (loop, varlen):
+        m.zero_grad()
+        with torch.autocast("cuda", torch.bfloat16):
+            y = m.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+        y.float().square().sum().backward()
+        out.append((y.float(), m.model.visual.blocks[0].attn.qkv.weight.grad.clone()))
+    rel = [((a - b).norm() / a.norm()).item() for a, b in zip(*out)]
+    print(f"varlen vs loop, relative error: features {rel[0]:.2e}, qkv grad {rel[1]:.2e}")
+    assert rel[0] < 2e-2 and rel[1] < 5e-2
 
 
 # ================================================================ API consistency judge (issue 6)

@@ -979,7 +979,7 @@ def test_stage5_mm_rlhf_video_pair_end_to_end(tmp_path):
 
 # ---------------------------------------------------------------- GPU: vLLM rollouts (issue tests a-e; skipped on CPU)
 # These build a small easy-vqa set and a briefly trained tiny model with stages 01 and 02, start one vLLM engine
-# beside a transformers trainer on the same GPU, and compare the two. Run them with: python -m pytest -q -k vllm
+# beside a transformers trainer on the same GPU, and compare the two. Run them with: python -m pytest -q -k "vllm or gpu"
 import importlib.util, os, subprocess, sys
 from pathlib import Path
 

@@ -328,8 +328,9 @@ def varlen_vision_attention(module, q, k, v, attention_mask=None, scaling=None, 
     """Attention for the Qwen2.5-VL vision tower in ONE call over all windows and images. The ViT attends
     within segments (112-px windows in most blocks, whole images in four), given by cu_seqlens. transformers'
     sdpa path runs one attention per segment, a Python loop of ~64 small kernels per block for a 448-px
-    image, which cost ~14% of a 7B forward+backward (README). On CUDA in bf16/fp16 this is torch's varlen flash
-    kernel; otherwise (CPU, fp32) one sdpa with a block-diagonal mask, the reference the tests compare against.
+    image, and each block read the window lengths back from the GPU: at 7B it doubled the time of a forward +
+    backward (README). On CUDA in bf16/fp16 this is torch's varlen flash kernel. Otherwise (CPU, fp32) it runs one
+    sdpa per segment, as transformers does (a block-diagonal mask would grow as T^2 with many images).
     q, k, v: [1, heads, T, head_dim] -> ([1, T, heads, head_dim], None), as transformers expects."""
     q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))                      # [T, heads, head_dim]
     cu = cu_seq_lens_q.to(torch.int32)
@@ -337,10 +338,10 @@ def varlen_vision_attention(module, q, k, v, attention_mask=None, scaling=None, 
         from torch.nn.attention.varlen import varlen_attn
         out = varlen_attn(q, k, v, cu, cu, max_length_q, max_length_q, scale=scaling)
     else:
-        seg = torch.repeat_interleave(torch.arange(len(cu) - 1, device=q.device), (cu[1:] - cu[:-1]).long())
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=seg[:, None] == seg[None, :],
-            scale=scaling).transpose(0, 1)
+        lens = (cu[1:] - cu[:-1]).tolist()
+        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1), scale=scaling).transpose(0, 1)
+            for qi, ki, vi in zip(q.split(lens), k.split(lens), v.split(lens))])
     return out[None], None
 
 

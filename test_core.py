@@ -892,8 +892,8 @@ def windowed_vl_pair(device="cpu"):
 
 def test_varlen_vision_attention_equals_the_per_window_loop(tmp_path):
     """A 112 x 112 image (8 x 8 patches = four 4 x 4 windows) and an 84 x 56 one (4 x 6 patches) in one batch: 6
-    windows in block 0, 2 images in block 1. One block-diagonal call must give the loop's logits; the language model keeps sdpa, and
-    a saved checkpoint does not name the custom attention (it reloads anywhere)."""
+    windows in block 0, 2 images in block 1. The routed attention must see those windows and give the loop's
+    logits; the language model keeps sdpa, and a saved checkpoint does not name the custom attention."""
     from stable_reinforce_core import build_messages, collate
     loop, varlen, processor = windowed_vl_pair()
     images = [Image.new("RGB", (112, 112), "red"), Image.new("RGB", (84, 56), "blue")]
@@ -979,7 +979,8 @@ def test_stage5_mm_rlhf_video_pair_end_to_end(tmp_path):
 
 # ---------------------------------------------------------------- GPU: vLLM rollouts (issue tests a-e; skipped on CPU)
 # These build a small easy-vqa set and a briefly trained tiny model with stages 01 and 02, start one vLLM engine
-# beside a transformers trainer on the same GPU, and compare the two. Run them with: python -m pytest -q -k "vllm or gpu"
+# beside a transformers trainer on the same GPU, and compare the two.
+# Run them with: python -m pytest -q -k "vllm or gpu"
 import importlib.util, os, subprocess, sys
 from pathlib import Path
 
@@ -1083,7 +1084,8 @@ def test_vllm_e_rl_steps_one_gpu(vllm_rig):
               "--out", d / "hard", "--num-items", "256", "--attempts", "1", "--min-difficulty", "1", "--vllm",
               "--gpu-memory-utilization", "0.2")
     out = run_script("04_stable_reinforce.py", "--data", d / "hard" / "rl_pairs.jsonl", "--model", vllm_rig["path"],
-                    "--out", d / "rl", "--steps", "3", "--vllm", "--gpu-memory-utilization", "0.2", "--profile-step", "2")
+                    "--out", d / "rl", "--steps", "3", "--vllm", "--gpu-memory-utilization", "0.2",
+                    "--profile-step", "2")
     print(out)
     rows = [json.loads(l) for l in (d / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -102,9 +102,11 @@ for name, mb, varlen, profile in variants:
         torch.cuda.synchronize()
         dt = (time.time() - t) / 3
         row = dict(name=name, mb=mb, varlen=varlen, tokens_per_mb=toks, s_per_mb=round(dt, 3), tok_s=round(toks / dt),
-                   mfu=round(6 * n_params * toks / dt / 989e12, 4), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))
+                   mfu=round(6 * n_params * toks / dt / 989e12, 4),
+                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))
         if profile:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=acts) as prof:
                 t = time.time()
                 for b in batches[1:3]:
                     step(*b)
@@ -113,7 +115,8 @@ for name, mb, varlen, profile in variants:
             busy, kinds, n_ev = kernel_union(prof)
             ka = prof.key_averages()
             summed = sum(e.self_device_time_total for e in ka if "nccl" not in e.key.lower()) / 1e6
-            row.update(prof_wall=round(wall, 3), busy_union_s=round(busy, 3), busy_union_pct=round(100 * busy / wall, 1),
+            row.update(prof_wall=round(wall, 3), busy_union_s=round(busy, 3),
+                       busy_union_pct=round(100 * busy / wall, 1),
                        busy_keyavg_sum_s=round(summed, 3), kernels=n_ev,
                        kinds={k: [round(v[0], 3), v[1]] for k, v in sorted(kinds.items(), key=lambda x: -x[1][0])})
             with open(f"{OUT}/profile_{name}.txt", "w") as f:

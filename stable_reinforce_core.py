@@ -325,7 +325,7 @@ def pair_view(item, swap=False):
 
 def varlen_vision_attention(module, q, k, v, attention_mask=None, scaling=None, cu_seq_lens_q=None,
                             max_length_q=None, **kwargs):
-    """Attention for the Qwen2.5-VL vision tower in ONE call over all windows and images. The ViT attends
+    """Attention for the Qwen2.5-VL vision tower, on GPUs in ONE call over all windows and images. The ViT attends
     within segments (112-px windows in most blocks, whole images in four), given by cu_seqlens. transformers'
     sdpa path runs one attention per segment, a Python loop of ~64 small kernels per block for a 448-px
     image, and each block read the window lengths back from the GPU: at 7B it doubled the time of a forward +
@@ -359,7 +359,9 @@ def load_policy(path, dtype=torch.float32, device="cpu", varlen_vision=None):
     varlen_vision (default: on GPUs): the one-call vision attention above."""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
-    if varlen_vision if varlen_vision is not None else str(device).startswith("cuda"):
+    if varlen_vision is None:
+        varlen_vision = str(device).startswith("cuda")
+    if varlen_vision:
         use_varlen_vision_attention(model)
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"

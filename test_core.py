@@ -882,8 +882,8 @@ def windowed_vl_pair(device="cpu"):
     import copy
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from stable_reinforce_core import use_varlen_vision_attention
-    _, processor = tiny_vl()
-    c = tiny_vl()[0].config.to_dict()
+    base, processor = tiny_vl()
+    c = base.config.to_dict()
     c["vision_config"].update(depth=2, fullatt_block_indexes=[1], window_size=56)
     torch.manual_seed(0)
     loop = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**c)).eval().to(device)

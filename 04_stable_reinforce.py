@@ -158,8 +158,8 @@ def write_profile(prof, wall, path):
         torch.cuda.synchronize()
     prof.stop()
     busy, end = 0.0, 0.0
-    for s, e in sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                       if e.device_type == torch.autograd.DeviceType.CUDA):
+    for s, e in sorted((ev.time_range.start, ev.time_range.end) for ev in prof.events()
+                       if ev.device_type == torch.autograd.DeviceType.CUDA):
         busy, end = busy + max(0.0, e - max(s, end)), max(end, e)
     path.write_text(f"{wall:.2f} s wall; GPU busy {busy / 1e6:.2f} s ({100 * busy / 1e6 / wall:.0f}%)\n" +
                     prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",

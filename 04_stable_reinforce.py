@@ -61,8 +61,9 @@ p.add_argument("--max-model-len", type=int, default=4096, help="vLLM: prompt + r
 p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (decoder layers and vision blocks)")
 p.add_argument("--benchmark", action="store_true", help="measure, do not keep: before each rollout, time a plain vLLM "
                "generate of the same requests (the baseline of rollout tok/s), and save no checkpoint and no model")
-p.add_argument("--profile-step", type=int, default=0, help="torch-profile the first optimizer step of this step's policy "
-               "update (rank 0): writes profile_step<N>.txt to --out, ops by GPU time and the GPU's busy share")
+p.add_argument("--profile-step", type=int, default=0, help="torch-profile this step's old-log-prob pass and the first "
+               "optimizer step of its update (rank 0): profile_step<N>_{old_logp,train}.txt in --out, each headed by "
+               "the GPU's busy share, then ops by GPU time and by CPU time")
 p.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default: 989 on H100/H200, bf16 dense)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -152,8 +153,8 @@ def gib_peak():
 
 
 def write_profile(prof, wall, path):
-    """The profiled ops by GPU time, headed by the GPU's busy share: the union of its kernels' time spans, so
-    kernels that overlap (NCCL beside compute) count once and busy + idle = wall."""
+    """The profiled ops, headed by the GPU's busy share: the union of its kernels' time spans, so kernels
+    that overlap (NCCL beside compute) count once and busy + idle = wall."""
     if cuda:
         torch.cuda.synchronize()
     prof.stop()
@@ -161,9 +162,10 @@ def write_profile(prof, wall, path):
     for s, e in sorted((ev.time_range.start, ev.time_range.end) for ev in prof.events()
                        if ev.device_type == torch.autograd.DeviceType.CUDA):
         busy, end = busy + max(0.0, e - max(s, end)), max(end, e)
+    ops = prof.key_averages()           # by GPU time, then by CPU time (host-side work: batching, launches, syncs)
     path.write_text(f"{wall:.2f} s wall; GPU busy {busy / 1e6:.2f} s ({100 * busy / 1e6 / wall:.0f}%)\n" +
-                    prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                              row_limit=50))
+                    (ops.table(sort_by="self_device_time_total", row_limit=40) if cuda else "") +
+                    ops.table(sort_by="cpu_time_total", row_limit=25))
 
 
 def rl_step(step):
@@ -203,13 +205,20 @@ def rl_step(step):
 
     # 3. old (and reference) log-probs, recomputed by the trainer WITH the image [fix B2]
     chunks, t_old = [], time.time()
+    prof = torch.profiler.profile() if step + 1 == args.profile_step and main else None
+    if prof:
+        prof.start()
     with torch.no_grad(), amp:
         for i in range(0, len(msgs), args.micro_batch):
-            batch, mask = core.collate(processor, msgs[i:i + args.micro_batch], ids[i:i + args.micro_batch], args.device)
+            with torch.profiler.record_function("collate"):
+                batch, mask = core.collate(processor, msgs[i:i + args.micro_batch], ids[i:i + args.micro_batch],
+                                           args.device)
             old = core.response_logprobs(model, batch, mask, banned, args.temperature)
             ref = core.response_logprobs(ref_model, batch, mask, banned, args.temperature) if ref_model else None
             chunks.append(dict(batch=batch, mask=mask, old=old, kl=core.kl_k1(old, ref) if ref is not None else None))
     t_old = time.time() - t_old
+    if prof:
+        write_profile(prof, t_old, out / f"profile_step{step + 1}_old_logp.txt")
     # sampler vs trainer: |log pi_vLLM(a_t) - log pi_trainer(a_t)| over sampled tokens (should be ~0.01, bf16 noise)
     delta = torch.cat([(c["old"][r, :len(lp)].float().cpu() - torch.tensor(lp)).abs() for j, c in enumerate(chunks)
                        for r, lp in enumerate(vllm_logp[j * args.micro_batch:(j + 1) * args.micro_batch])]) \
@@ -254,7 +263,7 @@ def rl_step(step):
         skipped += not ok
         gnorms.append(gnorm)
         if prof:                                     # one optimizer step is enough, and keeps the event count low
-            write_profile(prof, time.time() - t_prof, out / f"profile_step{step + 1}.txt")
+            write_profile(prof, time.time() - t_prof, out / f"profile_step{step + 1}_train.txt")
             prof = None
     t_train = time.time() - t_train
     mem.update(train_peak_gib=gib_peak(), device_train_gib=device_used())   # torch's cache still holds the training peak

@@ -1089,10 +1089,11 @@ def test_vllm_e_rl_steps_one_gpu(vllm_rig):
     print(out)
     rows = [json.loads(l) for l in (d / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    head = (d / "rl" / "profile_step2.txt").read_text().splitlines()[0]          # "<wall> s wall; GPU busy <s> s (<%>)"
-    print(head)
-    wall, busy = float(head.split()[0]), float(head.split("GPU busy ")[1].split()[0])
-    assert 0 < busy <= wall + 0.01
+    for part in ("old_logp", "train"):
+        head = (d / "rl" / f"profile_step2_{part}.txt").read_text().splitlines()[0]   # "<wall> s wall; GPU busy <s> s (<%>)"
+        print(part, head)
+        wall, busy = float(head.split()[0]), float(head.split("GPU busy ")[1].split()[0])
+        assert 0 < busy <= wall + 0.01
     assert all(r["train_peak_gib"] < 4 for r in rows)   # the tiny trainer's own peak, not the ~27 GiB vLLM pool
     assert all(math.isfinite(r["policy_loss"]) and r["logp_delta_mean"] <= 0.01 for r in rows)
 
@@ -1835,14 +1836,26 @@ RL = ["--steps", "5", "--rollout-batch", "2", "--train-batch", "2", "--micro-bat
 @pytest.fixture(scope="module")
 def rl(tiny, sft_ref):
     """Two tiny RL runs side by side from the tiny SFT model: "ref", uninterrupted, and "nan", with a NaN loss in
-    steps 1 and 2 and --max-bad-steps 2."""
+    steps 1 and 2 and --max-bad-steps 2 (and step 2 profiled)."""
     data = ["--data", tiny / "train_pairs.jsonl", "--model", sft_ref / "model"]
     root = sft_ref.parent
     ref, nan = run_stages(("04_stable_reinforce.py", [*data, "--out", root / "rl_ref", *RL], root / "rl_ref.log"),
                           ("04_stable_reinforce.py", [*data, "--out", root / "rl_nan", *RL, "--inject-nan-at", 1, 2,
-                                                      "--max-bad-steps", 2], root / "rl_nan.log"))
+                                                      "--max-bad-steps", 2, "--profile-step", 2], root / "rl_nan.log"))
     assert ref[0] == 0, ref[1][-3000:]
     return dict(data=data, ref=root / "rl_ref", nan=root / "rl_nan", nan_result=nan)
+
+
+def test_stage4_profile_step_profiles_the_old_logp_pass_and_one_optimizer_step(rl):
+    """STAGE SUBPROCESS. --profile-step 2 writes two profiles of step 2, each headed by its wall time and the GPU's
+    busy share (none on a CPU); the old-log-prob pass names its batching ("collate") among the ops by CPU time."""
+    for part in ("old_logp", "train"):
+        text = (rl["nan"] / f"profile_step2_{part}.txt").read_text()
+        wall, busy = float(text.split()[0]), float(text.split("GPU busy ")[1].split()[0])
+        assert wall > 0 and busy == 0.0
+        assert "aten::" in text
+    assert "collate" in (rl["nan"] / "profile_step2_old_logp.txt").read_text()
+    assert not (rl["ref"] / "profile_step2_train.txt").exists()
 
 
 def test_stage4_kill_ctrl_c_resume_matches_uninterrupted_run(sft_ref, rl):

@@ -83,6 +83,17 @@ def teacher(facts, answer, r1, r2, label):
     return think + f"Response {label} is better."
 
 
+def negated(question):
+    """easy-vqa's negated yes/no questions: "is there not a red shape?", "is no circle present?"."""
+    return " not " in f" {question} " or question.startswith("is no ")
+
+
+def question_type(question, answer):
+    """The item's category, which 05_eval.py reports accuracy by: colour, shape, yes/no or negated yes/no."""
+    return "colour" if answer in COLORS else "shape" if answer in SHAPES else \
+        "negated yes/no" if negated(question) else "yes/no"
+
+
 def image_facts(questions, answers, image_ids):
     """easy-vqa gives questions, not captions: recover each image's colour and shape from its Q/A."""
     facts = defaultdict(dict)
@@ -91,7 +102,7 @@ def image_facts(questions, answers, image_ids):
             facts[i]["color"] = a
         elif a in SHAPES:
             facts[i]["shape"] = a
-        elif a == "yes" and " not " not in f" {q} " and not q.startswith("is no "):   # "is there a red shape?"
+        elif a == "yes" and not negated(q):                                    # "is there a red shape?"
             for w in re.findall(r"[a-z]+", q):
                 facts[i].update({"color": w} if w in COLORS else {"shape": w} if w in SHAPES else {})
     return facts
@@ -119,7 +130,8 @@ def easy_vqa_split(split, n_pairs):
         r1, r2 = (right, wrong) if label == 1 else (wrong, right)
         img = save_image(paths[ids[k]], f"{split}_{ids[k]}")
         pairs.append(dict(id=f"{split}-{k}", image=img, question=qs[k], response1=r1, response2=r2, label=label,
-                          think=teacher(facts[ids[k]], right, r1, r2, label), source="easy-vqa"))
+                          think=teacher(facts[ids[k]], right, r1, r2, label), source="easy-vqa",
+                          category=question_type(qs[k], right)))
         vqa.append(dict(id=f"{split}-{k}", image=img, question=qs[k], answer=right))
     return pairs, vqa
 

@@ -246,6 +246,11 @@ for name, r in results.items():
     lines.append(f"| {name} | {pct(g['acc_chosen_first'])} | {pct(g['acc_chosen_second'])} | **{pct(g['acc'])}** | "
                  f"{pct(g['both_right'])} | {pct(g['answered_1'])} | {pct(g['parse_fail'])} | "
                  f"{pct(v.get('acc'))} | {pct(v.get('any'))} |")
+cats = sorted({c for r in results.values() for c in r["greedy"]["category"]})
+if bench not in PAPER_COLS and len(cats) > 1:          # e.g. easy-vqa's question types (01_build_data.py)
+    lines += ["", "| model (greedy, by category) | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(pct(r["greedy"]["category"].get(c)) for c in cats) + " |"
+              for name, r in results.items()]
 first, note = next(iter(results.values()), None), ""
 if first:
     g, v = first["greedy"], first["vote"]

@@ -481,7 +481,8 @@ def vlrb_category(id_):
 
 def benchmark_item(bench, row, index):
     """One raw row -> the item; a bad row raises ValueError(reason, detail). Schemas (PAPER.md s6.1):
-      pairs           id, question, response1, response2, label 1|2, image     category: "source" or "pairs"
+      pairs           id, question, response1, response2, label 1|2, image     category: "category", "source"
+                                                                                  or "pairs"
       vl_rewardbench  id, prompt, chosen, rejected, image (R1's copy)           category: vlrb_category(id)
                       or the hub's id, query, response [2], human_ranking, image
       mm_rlhf         id, prompt, chosen, rejected, image | video (frame folder) category: first of mcq, long,
@@ -502,7 +503,7 @@ def benchmark_item(bench, row, index):
         raise ValueError("missing field", f"missing field(s) {missing or [keys[-1]]}")
     (id_, question, r1, r2), media = (row[k] for k in keys[:4]), row[keys[-1]]
     label = row["label"] if "label" in keys else 1             # the R1 copies list the chosen response first
-    cat = row.get("source", "pairs")
+    cat = row.get("category") or row.get("source") or "pairs"
     if bench == "mmrb":
         label = {"Output1": 1, "Output2": 2}.get(row["Better"], row["Better"])
         cat = MMRB_NAMES.get(row["Category"], row["Category"])

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import runpy
 import signal
 import string
@@ -746,6 +747,31 @@ def test_05_rescore_cli_and_offline_hub(tmp_path):
     assert "--data FILE --images DIR" in r.stderr
 
 
+def test_05_pairs_table_by_category(tmp_path):
+    """Pairs in more than one category (01's easy-vqa question types) get a table of greedy accuracy by category.
+    Hand-computed: chosen first all right; chosen second only item 0 right -> colour (items 0, 1) 3/4 = 75.0,
+    shape (item 2) 1/2 = 50.0."""
+    items = [dict(key=f"pairs:{i}", bench="pairs", id=str(i), category=c) for i, c in
+             enumerate(["colour", "colour", "shape"])]
+    gen = tmp_path / "generations_pairs_judge.jsonl"
+    gen.write_text("".join(json.dumps(r) + "\n" for r in fake_rows(items, {"chosen_first": [1, 1, 1],
+                                                                             "chosen_second": [2, 1, 1]})))
+    r = run_05("--rescore", str(gen), "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "o" / "eval.md").read_text()
+    assert "| model (greedy, by category) | colour | shape |" in md and "| judge | 75.0 | 50.0 |" in md
+
+
+def test_pairs_category_field_then_source_then_pairs(tmp_path):
+    """A pair file's category for 05's report: its "category" field, else its "source", else "pairs"."""
+    place_media(tmp_path, ["a.png"])
+    row = dict(id="p", image="a.png", question="q", response1="r1", response2="r2", label=1)
+    rows = [dict(row, category="shape", source="easy-vqa"), dict(row, source="easy-vqa"), row]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items, skipped = read_benchmark(tmp_path / "pairs.jsonl", "pairs")
+    assert [it["category"] for it in items] == ["shape", "easy-vqa", "pairs"] and not skipped
+
+
 def test_05_voting_curve_uses_the_first_k_samples(tmp_path):
     """Fig. 4's curve from one set of K = 5 samples: Voting@k votes over samples 0..k-1. Hand-computed, label 1:
     item 0 samples [2,1,1,2,2] -> @1 wrong, @3 right, @5 wrong; item 1 [1,1,2,2,2] -> right, right, wrong."""
@@ -1332,6 +1358,30 @@ def run_stage1(tmp_path, *argv):
     finally:
         sys.argv = old
     return json.loads((tmp_path / "out" / "meta.json").read_text())
+
+
+# easy-vqa's 24 question forms (colour and shape words -> X), labelled by hand
+EASY_VQA_FORMS = {
+    "colour": ["what color is the shape?", "what color is the X?", "what is the color of the X?",
+               "what is the color of the shape?"],
+    "shape": ["what shape is in the image?", "what shape does the image contain?", "what shape is present?",
+              "what is the X shape?"],
+    "negated yes/no": ["does the image not contain a X shape?", "is there not a X shape?", "is no X shape present?",
+                       "is there not a X shape in the image?", "is no X present?", "is there not a X?",
+                       "does the image not contain a X?", "is there not a X in the image?"],
+    "yes/no": ["is a X shape present?", "is there a X shape?", "does the image contain a X shape?",
+               "is there a X shape in the image?", "is there a X?", "is a X present?", "does the image contain a X?",
+               "is there a X in the image?"]}
+
+
+def test_stage1_easy_vqa_pairs_carry_their_question_type(tmp_path):
+    """01's default pairs have category = the question type, as labelled by hand per question form above."""
+    meta = run_stage1(tmp_path, "--train-pairs", "300")
+    pairs = [json.loads(l) for l in (tmp_path / "out" / "train_pairs.jsonl").read_text().splitlines()]
+    truth = {form: kind for kind, forms in EASY_VQA_FORMS.items() for form in forms}
+    words = r"\b(red|green|blue|black|gray|yellow|brown|teal|circle|rectangle|triangle)\b"
+    assert [p["category"] for p in pairs] == [truth[re.sub(words, "X", p["question"])] for p in pairs]
+    assert set(Counter(p["category"] for p in pairs)) == set(EASY_VQA_FORMS) and meta["counts"]["train_pairs"] == 300
 
 
 def write_sources(root):

@@ -153,17 +153,12 @@ def gib_peak():
 
 
 def write_profile(prof, wall, path):
-    """The profiled ops, headed by the GPU's busy share: the union of its kernels' time spans, so kernels
-    that overlap (NCCL beside compute) count once and busy + idle = wall."""
+    """The profiled ops, headed by the GPU's busy share (core.gpu_busy_seconds)."""
     if cuda:
         torch.cuda.synchronize()
     prof.stop()
-    busy, end = 0.0, 0.0
-    for s, e in sorted((ev.time_range.start, ev.time_range.end) for ev in prof.events()
-                       if ev.device_type == torch.autograd.DeviceType.CUDA):
-        busy, end = busy + max(0.0, e - max(s, end)), max(end, e)
-    ops = prof.key_averages()           # by GPU time, then by CPU time (host-side work: batching, launches, syncs)
-    path.write_text(f"{wall:.2f} s wall; GPU busy {busy / 1e6:.2f} s ({100 * busy / 1e6 / wall:.0f}%)\n" +
+    busy, ops = core.gpu_busy_seconds(prof), prof.key_averages()   # ops by GPU time, then by CPU time (host-side
+    path.write_text(f"{wall:.2f} s wall; GPU busy {busy:.2f} s ({100 * busy / wall:.0f}%)\n" +    # batching, syncs)
                     (ops.table(sort_by="self_device_time_total", row_limit=40) if cuda else "") +
                     ops.table(sort_by="cpu_time_total", row_limit=25))
 

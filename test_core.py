@@ -30,10 +30,10 @@ import torch
 from PIL import Image
 
 from stable_reinforce_core import (APIJudge, BadInput, ChatClient, PROMPT_TEMPLATE, RuleJudge, Skipped,
-                                   StopOnSigint, VQA_FIELDS, build_messages, format_ok, guarded_step, kl_k1,
-                                   load_checkpoint, load_items, majority_vote, open_log, parse_choice,
-                                   parse_judge_reply, reinforce_returns, reward, rng_state, save_checkpoint,
-                                   score_rollouts, set_rng_state, stable_policy_loss,
+                                   StopOnSigint, VQA_FIELDS, build_messages, format_ok, gpu_busy_seconds,
+                                   guarded_step, kl_k1, load_checkpoint, load_items, majority_vote, open_log,
+                                   parse_choice, parse_judge_reply, reinforce_returns, reward, rng_state,
+                                   save_checkpoint, score_rollouts, set_rng_state, stable_policy_loss,
                                    standardize_and_filter, warmup_cosine)
 
 LOG_HI = math.log(1e3)                                    # 6.9078: the paper's delta_max in log space
@@ -1631,6 +1631,17 @@ def test_warmup_cosine_by_hand(floor):
         sched.step()
     q = (2 + 2 ** 0.5) / 4
     assert got == pytest.approx([0.5, 1.0] + [floor + (1 - floor) * v for v in (1.0, q, 0.5, 1 - q, 0.0)])
+
+
+def test_gpu_busy_seconds_is_the_union_of_kernel_spans():
+    """Hand-computed: CUDA spans [0, 2], [1, 3], [5, 6] and [5.5, 5.8] us -> union [0, 3] + [5, 6] = 4 us (their
+    sum would be 6.3 us); a CPU event [0, 100] does not count."""
+    from types import SimpleNamespace as NS
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    spans = [(5, 6, cuda), (0, 2, cuda), (0, 100, cpu), (1, 3, cuda), (5.5, 5.8, cuda)]
+    prof = NS(events=lambda: [NS(time_range=NS(start=s, end=e), device_type=d) for s, e, d in spans])
+    assert gpu_busy_seconds(prof) == pytest.approx(4e-6)
+    assert gpu_busy_seconds(NS(events=lambda: [])) == 0.0
 
 
 def test_guarded_step_skips_non_finite_and_keeps_weights_bit_identical():

@@ -61,15 +61,6 @@ def kernel_union(prof):
     """Busy seconds of the GPU: the union of CUDA kernel intervals, and a split by kernel kind."""
     from torch.autograd import DeviceType
     ev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    iv = sorted((e.time_range.start, e.time_range.end) for e in ev)
-    busy, cur = 0.0, None
-    for s, e in iv:
-        if cur is None or s > cur[1]:
-            if cur: busy += cur[1] - cur[0]
-            cur = [s, e]
-        else:
-            cur[1] = max(cur[1], e)
-    if cur: busy += cur[1] - cur[0]
     kinds = {}
     for e in ev:
         n = e.name.lower()
@@ -79,7 +70,7 @@ def kernel_union(prof):
         kinds.setdefault(k, [0.0, 0])
         kinds[k][0] += (e.time_range.end - e.time_range.start) / 1e6
         kinds[k][1] += 1
-    return busy / 1e6, kinds, len(ev)
+    return core.gpu_busy_seconds(prof), kinds, len(ev)
 
 
 variants = [("mb4_sdpa", 4, False, True), ("mb4_varlen", 4, True, True), ("mb2_varlen", 2, True, False),

@@ -83,15 +83,11 @@ def teacher(facts, answer, r1, r2, label):
     return think + f"Response {label} is better."
 
 
-def negated(question):
-    """easy-vqa's negated yes/no questions: "is there not a red shape?", "is no circle present?"."""
-    return " not " in f" {question} " or question.startswith("is no ")
-
-
 def question_type(question, answer):
-    """The item's category, which 05_eval.py reports accuracy by: colour, shape, yes/no or negated yes/no."""
-    return "colour" if answer in COLORS else "shape" if answer in SHAPES else \
-        "negated yes/no" if negated(question) else "yes/no"
+    """The item's category, which 05_eval.py reports accuracy by: colour, shape, yes/no or negated yes/no
+    ("is there not a red shape?", "is no circle present?")."""
+    negated = " not " in f" {question} " or question.startswith("is no ")
+    return "colour" if answer in COLORS else "shape" if answer in SHAPES else "negated yes/no" if negated else "yes/no"
 
 
 def image_facts(questions, answers, image_ids):
@@ -102,7 +98,7 @@ def image_facts(questions, answers, image_ids):
             facts[i]["color"] = a
         elif a in SHAPES:
             facts[i]["shape"] = a
-        elif a == "yes" and not negated(q):                                    # "is there a red shape?"
+        elif question_type(q, a) == "yes/no" and a == "yes":                   # "is there a red shape?"
             for w in re.findall(r"[a-z]+", q):
                 facts[i].update({"color": w} if w in COLORS else {"shape": w} if w in SHAPES else {})
     return facts

@@ -30,6 +30,8 @@ for path in args.generations:
     for g in map(json.loads, open(path)):
         if g["mode"] != "greedy":
             continue
+        if g["id"] not in pairs:
+            raise SystemExit(f"{path}: item {g['id']} is not in {args.pairs}; pass the pair file it was generated from")
         pair, c = pairs[g["id"]], counts[g["category"]]
         c["n"] += 1
         if core.parse_choice(g["text"]) == g["label"]:

@@ -180,13 +180,16 @@ def evaluate(path, gen_file):
 
 def score(rows):
     """The same arithmetic for a fresh run and for --rescore: greedy metrics, and Voting@K if sampled. The
-    curve (paper Fig. 4) is the accuracy of Voting@k on the first k samples, for k in 1, 3, 5, 9, 15 up to K."""
+    curve (paper Fig. 4) is the accuracy of Voting@k on the first k samples, for k in 1, 3, 5, 9, 15 up to K,
+    beside greedy accuracy on the same (usually fewer) items, which is what voting should be compared with."""
     vote = core.predictions(rows, "vote")
     k = max((r["sample"] + 1 for r in rows if r["mode"] == "vote"), default=0)
     curve = {j: core.metrics(core.predictions([r for r in rows if r["mode"] == "vote" and r["sample"] < j], "vote"))["acc"]
              for j in sorted({1, 3, 5, 9, 15, k}) if 0 < j <= k}
+    voted = {r["key"] for r in rows if r["mode"] == "vote"}
+    same_items = [r for r in rows if r["mode"] == "greedy" and r["key"] in voted]
     return dict(greedy=core.metrics(core.predictions(rows, "greedy")), vote=core.metrics(vote) if vote else None, k=k,
-                vote_curve=curve)
+                vote_curve=curve, greedy_on_vote_items=core.metrics(core.predictions(same_items))["acc"] if same_items else None)
 
 
 # ------------------------------------------------------------------------------------------ run / rescore
@@ -257,7 +260,8 @@ if first:
     note = (f"\n\n{bench}: {g['n']} predictions (items x orders), greedy"
             + (f"; Voting@{k}: {v['n']} predictions at T=1.0" if v else "")
             + (f". Skipped rows: {dict(skipped)}" if skipped else "") + ".\n")
-    note += "".join(f"\n{name} Voting@k: " + ", ".join(f"k={j} {pct(a)}" for j, a in r["vote_curve"].items()) + "\n"
+    note += "".join(f"\n{name} Voting@k: " + ", ".join(f"k={j} {pct(a)}" for j, a in r["vote_curve"].items())
+                    + f"; greedy on the same items {pct(r.get('greedy_on_vote_items'))}\n"
                     for name, r in results.items() if r.get("vote_curve"))
 table = "\n".join(lines)
 (out / "eval.md").write_text(table + note)

@@ -774,19 +774,22 @@ def test_pairs_category_field_then_source_then_pairs(tmp_path):
 
 def test_05_voting_curve_uses_the_first_k_samples(tmp_path):
     """Fig. 4's curve from one set of K = 5 samples: Voting@k votes over samples 0..k-1. Hand-computed, label 1:
-    item 0 samples [2,1,1,2,2] -> @1 wrong, @3 right, @5 wrong; item 1 [1,1,2,2,2] -> right, right, wrong."""
-    items = [dict(key=f"pairs:{i}", bench="pairs", id=str(i), category="pairs") for i in range(2)]
+    item 0 samples [2,1,1,2,2] -> @1 wrong, @3 right, @5 wrong; item 1 [1,1,2,2,2] -> right, right, wrong.
+    Greedy answers 1, 1, 2: 2/3 in all, but 2/2 on the two voted items, which is what the note compares with."""
+    items = [dict(key=f"pairs:{i}", bench="pairs", id=str(i), category="pairs") for i in range(3)]
     votes = {0: [2, 1, 1, 2, 2], 1: [1, 1, 2, 2, 2]}
-    rows = [dict(j, text=ANS("t", 1)) for j in make_jobs(items, ("chosen_first",))]
+    rows = [dict(j, text=ANS("t", 1 if j["id"] != "2" else 2)) for j in make_jobs(items, ("chosen_first",))]
     rows += [dict(j, text=ANS("t", votes[int(j["id"])][j["sample"]]))
-             for j in make_jobs(items, ("chosen_first",), mode="vote", k=5)]
+             for j in make_jobs(items[:2], ("chosen_first",), mode="vote", k=5)]
     gen = tmp_path / "generations_pairs_judge.jsonl"
     gen.write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = run_05("--rescore", str(gen), "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "o" / "eval.json").read_text())["results"]["judge"]
     assert res["vote_curve"] == {"1": 0.5, "3": 1.0, "5": 0.0} and res["vote"]["acc"] == 0.0
-    assert "judge Voting@k: k=1 50.0, k=3 100.0, k=5 0.0" in (tmp_path / "o" / "eval.md").read_text()
+    assert abs(res["greedy"]["acc"] - 2 / 3) < 1e-9 and res["greedy_on_vote_items"] == 1.0
+    assert ("judge Voting@k: k=1 50.0, k=3 100.0, k=5 0.0; greedy on the same items 100.0"
+            in (tmp_path / "o" / "eval.md").read_text())
 
 
 def test_plot_curves_writes_png_and_compact_metrics(tmp_path):

@@ -4,8 +4,11 @@ Does a model's vision tower see easy-vqa shapes, and can it learn them? Two meas
  2. its vision tower plus a linear head (mean of the merged image tokens -> 3 shapes), trained on the shape
     questions of the training VQA items alone (batches of 64 images, AdamW, constant LR), scored on the test
     pairs' shape images every 50 steps. --from-scratch starts the tower from random weights instead.
+--save DIR writes the checkpoint with the trained tower (the head is dropped), for 02_sft.py --model DIR.
 
     python assets/shape_probe.py runs/i8/sft/model --data runs/01_data --steps 300
+    python 02_sft.py --init-only --hidden 384 --layers 6 --vision-depth 4 --vision-hidden 256 --out runs/vw
+    python assets/shape_probe.py runs/vw/init --steps 300 --save runs/vw/seeing    # then 02_sft.py --model runs/vw/seeing
 """
 import argparse, json, random, sys, time
 from pathlib import Path
@@ -20,6 +23,7 @@ p.add_argument("--data", default="runs/01_data")
 p.add_argument("--steps", type=int, default=300)
 p.add_argument("--lr", type=float, default=5e-4)
 p.add_argument("--from-scratch", action="store_true")
+p.add_argument("--save", default=None, help="write the model, with the trained tower, and its processor here")
 args = p.parse_args()
 torch.manual_seed(0)
 SHAPES, root = ("circle", "rectangle", "triangle"), Path(args.data)
@@ -77,3 +81,8 @@ for step in range(1, args.steps + 1):
         with torch.no_grad():
             acc = (logits(sorted(test)).argmax(-1) == torch.tensor([test[q] for q in sorted(test)])).float().mean()
         print(f"step {step}: loss {loss.item():.3f}, test shape accuracy {acc:.3f} ({time.time() - t0:.0f} s)")
+if args.save:
+    model.model.visual = vision
+    model.save_pretrained(args.save)
+    processor.save_pretrained(args.save)
+    print(f"wrote {args.save}")

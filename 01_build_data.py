@@ -44,6 +44,8 @@ p.add_argument("--teacher-timeout", type=float, default=120.0, help="seconds per
 p.add_argument("--teacher-retries", type=int, default=2, help="retries per call (timeouts, connection errors, 5xx); 64 in flight")
 p.add_argument("--train-pairs", type=int, default=20000, help="training pairs to build (at most one per question)")
 p.add_argument("--test-pairs", type=int, default=1000, help="held-out test pairs (easy-vqa: its test split; else <= 10%%)")
+p.add_argument("--balance-answers", action="store_true", help="easy-vqa: as many 'yes' as 'no' in each yes/no question "
+               "type (easy-vqa has ~80%% one answer, which a judge can score without looking at the image)")
 p.add_argument("--image-size", type=int, default=112, help="easy-vqa's 64 px images are upscaled to this (28-px multiple)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--strict", action="store_true", help="--source jsonl: a bad row is an error naming file:line (default: skip and count)")
@@ -112,12 +114,28 @@ def save_image(src, name):
     return rel
 
 
+def balanced_yes_no(qs, ans):
+    """--balance-answers. easy-vqa answers "no" to about 82% of its yes/no questions and "yes" to 79% of the negated
+    ones, so a judge that always backs the majority answer scores about 80% on them without looking. Keep every
+    colour and shape question and, in each yes/no type, a random subset of the majority answer as large as the
+    minority. Returns the kept question indices."""
+    groups = defaultdict(list)
+    for k, (q, a) in enumerate(zip(qs, ans)):
+        groups[(question_type(q, a), a if a in ("yes", "no") else "")].append(k)
+    keep = []
+    for kind in ("yes/no", "negated yes/no"):
+        yes, no = groups.pop((kind, "yes"), []), groups.pop((kind, "no"), [])
+        keep += rng.sample(yes, min(len(yes), len(no))) + rng.sample(no, min(len(yes), len(no)))
+    return sorted(keep + [k for ks in groups.values() for k in ks])
+
+
 def easy_vqa_split(split, n_pairs):
     import easy_vqa
     qs, ans, ids = getattr(easy_vqa, f"get_{split}_questions")()
     paths = getattr(easy_vqa, f"get_{split}_image_paths")()
     facts = image_facts(qs, ans, ids)
-    order = rng.sample(range(len(qs)), min(n_pairs, len(qs)))
+    pool = balanced_yes_no(qs, ans) if args.balance_answers else range(len(qs))
+    order = rng.sample(pool, min(n_pairs, len(pool)))
     labels = [1, 2] * (len(order) // 2) + [1] * (len(order) % 2)       # exact 1:1 balance of positions
     rng.shuffle(labels)
     pairs, vqa = [], []

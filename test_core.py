@@ -1387,6 +1387,26 @@ def test_stage1_easy_vqa_pairs_carry_their_question_type(tmp_path):
     assert set(Counter(p["category"] for p in pairs)) == set(EASY_VQA_FORMS) and meta["counts"]["train_pairs"] == 300
 
 
+def test_stage1_balance_answers_takes_away_the_yes_no_prior(tmp_path):
+    """easy-vqa's yes/no answers are lopsided ("no" to most plain ones, "yes" to most negated ones); with
+    --balance-answers each of the two types has about as many "yes" as "no", and colour and shape are all kept."""
+    def yes_share(argv):
+        root = tmp_path / str(len(argv))
+        run_stage1(root, "--train-pairs", "1500", *argv)
+        c = Counter()
+        for line in (root / "out" / "train_pairs.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            right = row[f"response{row['label']}"]
+            c[row["category"]] += 1
+            c[row["category"] + " yes"] += right == "yes"
+        return {kind: c[kind + " yes"] / c[kind] for kind in ("yes/no", "negated yes/no")}, c
+    prior, _ = yes_share([])
+    balanced, c = yes_share(["--balance-answers"])
+    assert prior["yes/no"] < 0.3 and prior["negated yes/no"] > 0.7           # the prior this flag removes
+    assert all(0.42 < balanced[kind] < 0.58 for kind in balanced), balanced  # n ~ 370 per type: sd ~ 0.026
+    assert c["colour"] + c["shape"] > 0.4 * 1500                             # ~25% of all questions before, ~50% now
+
+
 def write_sources(root):
     """Local copies of the six sources (hub layout, PAPER.md s4). The better response always says GOOD."""
     import datasets

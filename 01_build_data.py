@@ -115,18 +115,13 @@ def save_image(src, name):
 
 
 def balanced_yes_no(qs, ans):
-    """--balance-answers. easy-vqa answers "no" to about 82% of its yes/no questions and "yes" to 79% of the negated
-    ones, so a judge that always backs the majority answer scores about 80% on them without looking. Keep every
-    colour and shape question and, in each yes/no type, a random subset of the majority answer as large as the
-    minority. Returns the kept question indices."""
+    """--balance-answers: the kept question indices. All colour and shape questions; in each yes/no type, as many
+    "yes" as "no" (a random subset of the majority answer, which is ~80% of easy-vqa's yes/no questions)."""
     groups = defaultdict(list)
     for k, (q, a) in enumerate(zip(qs, ans)):
-        groups[(question_type(q, a), a if a in ("yes", "no") else "")].append(k)
-    keep = []
-    for kind in ("yes/no", "negated yes/no"):
-        yes, no = groups.pop((kind, "yes"), []), groups.pop((kind, "no"), [])
-        keep += rng.sample(yes, min(len(yes), len(no))) + rng.sample(no, min(len(yes), len(no)))
-    return sorted(keep + [k for ks in groups.values() for k in ks])
+        groups[question_type(q, a), a].append(k)
+    n = {kind: min(len(groups[kind, "yes"]), len(groups[kind, "no"])) for kind in ("yes/no", "negated yes/no")}
+    return sorted(k for (kind, _), ks in groups.items() for k in (rng.sample(ks, n[kind]) if kind in n else ks))
 
 
 def easy_vqa_split(split, n_pairs):

@@ -7,7 +7,7 @@ A fresh Qwen2 decoder (the tiny judge's text stack: 384 wide, 6 layers, 8 heads,
 file's teacher text (batches of 32, AdamW, constant LR). Every 100 steps it reports, on 600 held-out pairs and with
 the teacher's text as input, how often its argmax is the teacher's X and the teacher's right/wrong, by question type.
 
-    python assets/compare_probe.py runs/01_bal/train_pairs.jsonl --tokenizer runs/vw/seeing --steps 600
+    python assets/compare_probe.py runs/01_bal/train_pairs.jsonl --tokenizer runs/vw/seeing --steps 2000
 """
 import argparse, json, random, re, time
 from collections import Counter

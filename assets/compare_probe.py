@@ -4,15 +4,19 @@ The image's colour and shape go into the prompt as text ("Image: red circle."), 
   answer   "The correct answer is X."               X from the question and the described image;
   compare  "Response N says Y, which is right|wrong" right iff Y == X.
 A fresh Qwen2 decoder (the tiny judge's text stack: 384 wide, 6 layers, 8 heads, 4 KV heads) trains on the pair
-file's teacher text (batches of 32, AdamW, constant LR). Every 100 steps it reports, on 600 held-out pairs and with
-the teacher's text as input, how often its argmax is the teacher's X and the teacher's right/wrong, by question type.
+file's teacher text (batches of 32, AdamW, constant LR; --cosine: 02_sft.py's schedule). Every 100 steps it
+reports, on 600 held-out pairs and with the teacher's text as input, how often its argmax is the teacher's X and the
+teacher's right/wrong, by question type.
 
     python assets/compare_probe.py runs/01_bal/train_pairs.jsonl --tokenizer runs/vw/seeing --steps 2000
 """
-import argparse, json, random, re, time
+import argparse, json, random, re, sys, time
 from collections import Counter
+from pathlib import Path
 import torch
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import stable_reinforce_core as core
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("pairs", help="a pair file from 01_build_data.py (train_pairs.jsonl)")
@@ -20,6 +24,7 @@ p.add_argument("--tokenizer", default="runs/vw/seeing", help="any tiny-model fol
 p.add_argument("--steps", type=int, default=600)
 p.add_argument("--lr", type=float, default=5e-4)
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--cosine", action="store_true", help="02_sft.py's schedule (5%% warm-up, cosine to 0) instead of constant")
 args = p.parse_args()
 random.seed(args.seed)
 torch.manual_seed(args.seed)
@@ -73,6 +78,7 @@ test, train = [example(r) for r in rows[:600]], [example(r) for r in rows[600:]]
 model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
                                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512))
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+sched = core.warmup_cosine(opt, args.steps, 0.05) if args.cosine else None
 t0 = time.time()
 for step in range(1, args.steps + 1):
     ids, mask, lab = batch(random.sample(train, 32))
@@ -81,6 +87,8 @@ for step in range(1, args.steps + 1):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad()
+    if sched:
+        sched.step()
     if step % 100 == 0:
         acc = score(test)
         print(f"step {step:4d} | loss {loss.item():.4f} | {time.time() - t0:.0f} s")

@@ -34,7 +34,9 @@ p.add_argument("--data", default="runs/03_hard/rl_pairs.jsonl", help="RL set fro
 p.add_argument("--model", default="runs/02_sft/model", help="start from the cold-start SFT checkpoint (paper)")
 p.add_argument("--out", default="runs/04_rl")
 p.add_argument("--steps", type=int, default=20, help="rollout steps (paper: ~350)")
-p.add_argument("--rollout-batch", type=int, default=32, help="prompts per rollout, 1 sample each (paper: 256)")
+p.add_argument("--rollout-batch", type=int, default=32, help="samples per rollout, 1 per prompt (paper: 256)")
+p.add_argument("--both-orders", action="store_true", help="show each item in both response orders (2 samples per "
+               "item, --rollout-batch / 2 items per step), so a position preference earns nothing. Not in the paper")
 p.add_argument("--train-batch", type=int, default=16, help="sequences per optimizer step (paper: 128)")
 p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward (memory only)")
 p.add_argument("--lr", type=float, default=2e-5, help="peak AdamW LR (paper: 1e-6 for 7B; official script 3e-7)")
@@ -76,6 +78,8 @@ rank, world, args.device = core.init_distributed(args.device)     # torchrun: on
 main = rank == 0
 assert args.rollout_batch % args.train_batch == 0 and args.train_batch % (world * args.micro_batch) == 0, \
     "batch sizes must divide: rollout-batch by train-batch, train-batch by (GPUs x micro-batch)"
+views_per_item = 2 if args.both_orders else 1
+assert args.rollout_batch % (views_per_item * world) == 0, "--both-orders: rollout-batch must divide by 2 x GPUs"
 random.seed(args.seed)
 torch.manual_seed(args.seed + rank)                                 # each rank samples its own rollouts
 out = Path(args.out)
@@ -111,14 +115,15 @@ judge = core.RuleJudge() if args.judge == "rule" else core.APIJudge(core.ChatCli
     retries=args.judge_retries, concurrency=args.judge_concurrency, max_tokens=8,
     extra_body={"structured_outputs": {"choice": ["yes", "no"]}} if args.judge_choice else None), with_image=args.judge_image)
 log_print(f"{world} process(es); read {args.data} ({len(items)} items; skipped {dict(bad_rows) or 'none'}), {args.model}; pre_clip={not args.no_pre_clip} "
-      f"adv_filter={not args.no_adv_filter} beta={args.beta}")
+      f"adv_filter={not args.no_adv_filter} beta={args.beta}" + (" both_orders" if args.both_orders else ""))
 
 
 def prompts(step):
-    """The next --rollout-batch items of a fresh random permutation each epoch (no curriculum, as in the paper)."""
-    per_epoch = len(items)
+    """The step's items (--rollout-batch, halved with --both-orders) from a fresh random permutation each epoch (no
+    curriculum, as in the paper)."""
+    per_epoch, n = len(items), args.rollout_batch // views_per_item
     order = []
-    for k in range(step * args.rollout_batch, (step + 1) * args.rollout_batch):
+    for k in range(step * n, (step + 1) * n):
         epoch, pos = divmod(k, per_epoch)
         perm = random.Random(args.seed * 1000 + epoch).sample(range(per_epoch), per_epoch)
         order.append(items[perm[pos]])
@@ -166,9 +171,8 @@ def write_profile(prof, wall, path):
 def rl_step(step):
     t0, mem = time.time(), {}
     gib_peak()
-    batch_items = prompts(step)[rank::world]                        # this rank's share of the rollout batch
-    views = [core.pair_view(it) for it in batch_items]
-    msgs, labels = [v[0] for v in views], [v[1] for v in views]
+    views = core.rollout_views(prompts(step)[rank::world], args.both_orders)   # this rank's share of the batch
+    batch_items, msgs, labels = [v[0] for v in views], [v[1] for v in views], [v[2] for v in views]
 
     # 1. rollouts: one sample per prompt at T = 1.0, top-p 1 (PAPER.md s2.5)
     model.eval()

@@ -323,6 +323,14 @@ def pair_view(item, swap=False):
     return build_messages(item["question"], r1, r2, image), y
 
 
+def rollout_views(items, both_orders=False):
+    """(item, messages, label) for each rollout of one step: every item once, in its stored order (the paper and
+    the official code), or with both_orders twice, as stored and swapped. Both orders in one batch make a
+    position preference worthless: a policy that always answers "1" is right on exactly one view of each item,
+    so under global normalisation its two advantages cancel, and only reading the responses earns reward."""
+    return [(it, *pair_view(it, swap)) for it in items for swap in ((False, True) if both_orders else (False,))]
+
+
 def varlen_vision_attention(module, q, k, v, attention_mask=None, scaling=None, cu_seq_lens_q=None,
                             max_length_q=None, **kwargs):
     """Attention for the Qwen2.5-VL vision tower, on GPUs in ONE call over all windows and images. The ViT attends

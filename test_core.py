@@ -370,6 +370,31 @@ def test_score_rollouts_no_correct_means_no_judge_call():
     assert judge.calls == [] and out["reward"] == [0.5]
 
 
+def test_both_orders_take_the_reward_from_a_position_preference(tmp_path):
+    """04 --both-orders: each item twice, as stored and swapped (labels y and 3 - y). A policy that always answers
+    "1" is then right on exactly one view of each item, so its two standardised advantages cancel; with one view
+    per item it gains wherever the stored label happens to be 1."""
+    from stable_reinforce_core import rollout_views
+    Image.new("RGB", (28, 28), "red").save(tmp_path / "im.png")
+    items = [dict(id=k, image=str(tmp_path / "im.png"), question="what colour?", response1="red",
+                  response2="blue", label=y) for k, y in (("a", 1), ("b", 2), ("c", 1))]
+    views = rollout_views(items, both_orders=True)
+    assert [(v[0]["id"], v[2]) for v in views] == [("a", 1), ("a", 2), ("b", 2), ("b", 1), ("c", 1), ("c", 2)]
+    text = lambda v: v[1][0]["content"][1]["text"]
+    assert "[Response 1]:\nred" in text(views[0]) and "[Response 1]:\nblue" in text(views[1])   # swapped
+    always_1 = lambda vs: score_rollouts([ANS("Response 1 is better.", 1)] * len(vs), [v[2] for v in vs],
+                                         [v[0]["question"] for v in vs], RuleJudge())["reward"]
+    one_token = lambda n: torch.ones(n, 1)
+    r = torch.tensor(always_1(views))
+    assert r.tolist() == [2.0, 0.5, 0.5, 2.0, 2.0, 0.5]           # right on one view of each item
+    z, _ = standardize_and_filter(reinforce_returns(r, one_token(6)), one_token(6))
+    assert z.view(3, 2).sum(-1).abs().max().item() < 1e-6          # per item: +z and -z
+    once = rollout_views(items)
+    assert [v[2] for v in once] == [1, 2, 1]
+    z1, _ = standardize_and_filter(reinforce_returns(torch.tensor(always_1(once)), one_token(3)), one_token(3))
+    assert z1[0].item() > 0.7 and z1[1].item() < -1.4              # +0.707, -1.414, +0.707: "1" pays
+
+
 # ---------------------------------------------------------------- Voting@K (section 5.1)
 @pytest.mark.parametrize("votes,winner", [
     ([1, 2, 2], 2), ([1, None, 2], None), ([None, None, 1], 1), ([], None), ([None, None], None),

@@ -44,6 +44,8 @@ p.add_argument("--teacher-timeout", type=float, default=120.0, help="seconds per
 p.add_argument("--teacher-retries", type=int, default=2, help="retries per call (timeouts, connection errors, 5xx); 64 in flight")
 p.add_argument("--train-pairs", type=int, default=20000, help="training pairs to build (at most one per question)")
 p.add_argument("--test-pairs", type=int, default=1000, help="held-out test pairs (easy-vqa: its test split; else <= 10%%)")
+p.add_argument("--ground-yes-no", action="store_true", help="easy-vqa: the teacher also writes the step from the image "
+               "to a yes/no answer ('The shape is gray, not red, so the answer is no.')")
 p.add_argument("--balance-answers", action="store_true", help="easy-vqa: as many 'yes' as 'no' in each yes/no question "
                "type (easy-vqa has ~80%% one answer, which a judge can score without looking at the image)")
 p.add_argument("--image-size", type=int, default=112, help="easy-vqa's 64 px images are upscaled to this (28-px multiple)")
@@ -72,17 +74,34 @@ def wrong_answer(answer):
     return rng.choice([a for a in pool if a != answer])
 
 
-def teacher(facts, answer, r1, r2, label):
+def teacher(facts, answer, r1, r2, label, question=None):
     """Cold-start reasoning: see, compare, conclude. Ends with the "Response N is better" statement
-    that the rule consistency judge (stable_reinforce_core.RuleJudge) reads."""
+    that the rule consistency judge (stable_reinforce_core.RuleJudge) reads. With a question (--ground-yes-no),
+    a yes/no answer is first derived from what the image shows (yes_no_step)."""
     seen = " ".join(x for x in (facts.get("color"), facts.get("shape")) if x)
     think = f"The image shows a {seen}. " if seen else ""
+    if question and answer in ("yes", "no"):
+        think += yes_no_step(question, facts, answer)
     if answer is not None:
         think += f"The correct answer is {answer}. "
     for n, r in ((1, r1), (2, r2)):
         verdict = "" if answer is None else (", which is right" if n == label else ", which is wrong")
         think += f"Response {n} says {r}{verdict}. "
     return think + f"Response {label} is better."
+
+
+def yes_no_step(question, facts, answer):
+    """The step a yes/no answer hides: compare the asked colour or shape with the image's, then apply the negation.
+    "is there not a red shape?" about a gray circle -> "The question asks about red. The shape is gray, not red; the
+    question is negated, so the answer is yes." Where the image's value is unknown: "The shape is not red"."""
+    w = next(x for x in re.findall(r"[a-z]+", question) if x in COLORS or x in SHAPES)  # easy-vqa: exactly one
+    kind, a = ("color", "") if w in COLORS else ("shape", "a ")
+    negated = question_type(question, answer) == "negated yes/no"
+    present = (answer == "yes") != negated                        # does the image have the asked colour/shape?
+    seen = facts.get(kind)
+    is_ = f"{a}{w}" if present else f"{a}{seen}, not {a}{w}" if seen else f"not {a}{w}"
+    return (f"The question asks about {a}{w}. The shape is {is_}" + ("; the question is negated" if negated else "")
+            + f", so the answer is {answer}. ")
 
 
 def question_type(question, answer):
@@ -139,8 +158,8 @@ def easy_vqa_split(split, n_pairs):
         r1, r2 = (right, wrong) if label == 1 else (wrong, right)
         img = save_image(paths[ids[k]], f"{split}_{ids[k]}")
         pairs.append(dict(id=f"{split}-{k}", image=img, question=qs[k], response1=r1, response2=r2, label=label,
-                          think=teacher(facts[ids[k]], right, r1, r2, label), source="easy-vqa",
-                          category=question_type(qs[k], right)))
+                          think=teacher(facts[ids[k]], right, r1, r2, label, args.ground_yes_no and qs[k]),
+                          source="easy-vqa", category=question_type(qs[k], right)))
         vqa.append(dict(id=f"{split}-{k}", image=img, question=qs[k], answer=right))
     return pairs, vqa
 

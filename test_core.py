@@ -1367,6 +1367,39 @@ def test_score_rollouts_passes_images_and_rule_judge_ignores_them():
     assert RuleJudge()([("q", "Response 2 is better", 2, "a.png")]) == [1]
 
 
+# ================================================================ 01_build_data.py: the template teacher
+def test_ground_yes_no_spells_out_the_step_from_the_image(tmp_path):
+    """01 --ground-yes-no adds one sentence to each yes/no reasoning, checked against what the image shows: the asked
+    colour or shape is "not" there exactly when the image's own differs from it, the negation is named exactly for
+    negated questions, and the conclusion is the right answer. Everything else is the default teacher's text."""
+    COLORS = {"red", "green", "blue", "black", "gray", "yellow", "brown", "teal"}
+    SHAPES = {"circle", "rectangle", "triangle"}
+    for flag, name in (([], "plain"), (["--ground-yes-no"], "grounded")):
+        run_script("01_build_data.py", "--train-pairs", "400", "--test-pairs", "10", "--out", tmp_path / name, *flag)
+    read = lambda name: [json.loads(l) for l in open(tmp_path / name / "train_pairs.jsonl")]
+    plain, grounded, n = {r["id"]: r["think"] for r in read("plain")}, read("grounded"), Counter()
+    for r in grounded:
+        right = r["response1"] if r["label"] == 1 else r["response2"]
+        step = re.search(r"The question asks about (?:a )?(\w+)\. The shape is ([^.;,]*)(, not (?:a )?\w+)?"
+                         r"(; the question is negated)?, so the answer is (\w+)\. ", r["think"])
+        if r["category"] not in ("yes/no", "negated yes/no"):
+            assert step is None and r["think"] == plain[r["id"]]
+            continue
+        asked, said, neg_seen, negated, concl = step.groups()
+        assert r["think"].replace(step.group(0), "") == plain[r["id"]]             # one sentence added, nothing else
+        assert concl == right and bool(negated) == (r["category"] == "negated yes/no")
+        seen = set((re.match(r"The image shows an? ([a-z ]*)\.", r["think"]) or ["", ""])[1].split())  # may be none
+        own = seen & (COLORS if asked in COLORS else SHAPES)                   # the image's colour (or shape), if named
+        if own:
+            present = own == {asked}
+            assert said.removeprefix("a ") == own.pop() and bool(neg_seen) == (not present)
+            assert (right == "yes") == (present != bool(negated))              # the answer follows from the image
+            n["checked against the image"] += 1
+        else:
+            assert said.replace("a ", "") in (asked, f"not {asked}")
+    assert n["checked against the image"] > 200
+
+
 # ================================================================ 01_build_data.py: real sources, API teacher (issue 5)
 # 01 runs in this process (runpy), so torch and datasets are imported once. Each source gets a small local
 # copy in its hub layout, with the known problem rows; remote copies and the teacher are loopback servers.

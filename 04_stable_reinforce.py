@@ -36,7 +36,8 @@ p.add_argument("--out", default="runs/04_rl")
 p.add_argument("--steps", type=int, default=20, help="rollout steps (paper: ~350)")
 p.add_argument("--rollout-batch", type=int, default=32, help="samples per rollout, 1 per prompt (paper: 256)")
 p.add_argument("--both-orders", action="store_true", help="show each item in both response orders (2 samples per "
-               "item, --rollout-batch / 2 items per step), so a position preference earns nothing. Not in the paper")
+               "item, --rollout-batch / 2 items per step): a position preference scores no better than a coin. "
+               "Not in the paper")
 p.add_argument("--train-batch", type=int, default=16, help="sequences per optimizer step (paper: 128)")
 p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward (memory only)")
 p.add_argument("--lr", type=float, default=2e-5, help="peak AdamW LR (paper: 1e-6 for 7B; official script 3e-7)")

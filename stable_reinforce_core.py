@@ -325,9 +325,10 @@ def pair_view(item, swap=False):
 
 def rollout_views(items, both_orders=False):
     """(item, messages, label) for each rollout of one step: every item once, in its stored order (the paper and
-    the official code), or with both_orders twice, as stored and swapped. Both orders in one batch make a
-    position preference worthless: a policy that always answers "1" is right on exactly one view of each item,
-    so under global normalisation its two advantages cancel, and only reading the responses earns reward."""
+    the official code), or with both_orders twice, as stored and swapped. Both orders in one batch take the reward
+    from a position preference: answering "1" regardless is right on exactly one view of each item, no better than
+    a coin, while reading the responses is right on both. (Where a whole batch answers "1", each item's two
+    standardised advantages cancel exactly.)"""
     return [(it, *pair_view(it, swap)) for it in items for swap in ((False, True) if both_orders else (False,))]
 
 

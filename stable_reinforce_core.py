@@ -162,7 +162,7 @@ def standardize_and_filter(adv, mask, n_sigma=3.0, eps=1e-8, all_reduce=None, en
     e.g. 255 sequences with A = 1 and one with A = 0: the 0 gets z = -15.97 and is zeroed; the 1s get +0.06.
     With two reward levels and a share q of the lower one, the lower gets z = -sqrt((1 - q) / q), past -3 when
     q < 1/10: once a batch is over 90% right, every wrong rollout is zeroed and only the right ones teach
-    (README, eighth run). Hard RL data (stage 3) keeps q above that."""
+    (README, eighth run). RL on hard items (stage 3) is what keeps q above that."""
     reduce = all_reduce or (lambda t: t)
     valid = mask.bool()
     finite = valid & torch.isfinite(adv)

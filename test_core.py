@@ -88,15 +88,15 @@ def test_filter_zeroes_every_wrong_rollout_once_fewer_than_a_tenth_are_wrong():
     which is beyond -3 exactly when q < 1/10. 9 wrong of 100: z = -sqrt(91/9) = -3.180, all 9 zeroed;
     11 of 100: z = -sqrt(89/11) = -2.844, all kept. So a batch over 90% right keeps only its right rollouts."""
     for n_wrong, z_wrong, filtered in ((9, -3.1798, True), (11, -2.8445, False)):
-        adv = reinforce_returns(torch.tensor([2.0] * (100 - n_wrong) + [0.5] * n_wrong), torch.ones(100, 2))
+        n_right = 100 - n_wrong
+        adv = reinforce_returns(torch.tensor([2.0] * n_right + [0.5] * n_wrong), torch.ones(100, 2))
         z, frac = standardize_and_filter(adv, torch.ones(100, 2))
-        assert z_wrong == pytest.approx(-math.sqrt((100 - n_wrong) / n_wrong), abs=1e-4)
-        assert torch.allclose(z[:100 - n_wrong], torch.full((100 - n_wrong, 2), math.sqrt(n_wrong / (100 - n_wrong))),
-                              atol=1e-5)
+        assert z_wrong == pytest.approx(-math.sqrt(n_right / n_wrong), abs=1e-4)
+        assert torch.allclose(z[:n_right], torch.full((n_right, 2), math.sqrt(n_wrong / n_right)), atol=1e-5)
         if filtered:
-            assert torch.all(z[100 - n_wrong:] == 0) and frac == pytest.approx(n_wrong / 100)
+            assert torch.all(z[n_right:] == 0) and frac == pytest.approx(n_wrong / 100)
         else:
-            assert torch.allclose(z[100 - n_wrong:], torch.full((n_wrong, 2), z_wrong), atol=1e-4) and frac == 0.0
+            assert torch.allclose(z[n_right:], torch.full((n_wrong, 2), z_wrong), atol=1e-4) and frac == 0.0
 
 
 def test_zero_spread_gives_zero_not_nan():

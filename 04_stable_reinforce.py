@@ -175,7 +175,7 @@ def rl_step(step):
     views = core.rollout_views(prompts(step)[rank::world], args.both_orders)   # this rank's share of the batch
     batch_items, msgs, labels = [v[0] for v in views], [v[1] for v in views], [v[2] for v in views]
 
-    # 1. rollouts: one sample per prompt at T = 1.0, top-p 1 (PAPER.md s2.5)
+    # 1. rollouts: one sample per prompt at T = 1.0, top-p 1 (paper Algorithm 1)
     model.eval()
     ids, texts, vllm_logp, plain = [], [], None, (0, 0.0)
     if engine:                  # wake, sync this step's weights (bf16), generate, sleep again for training

@@ -7,11 +7,11 @@ in BOTH response orders, with Voting@K. Scoring is separate from generation, and
     python 05_eval.py --bench mm_rlhf --hub --order chosen-first --vote-k 15     # the paper's protocol
     python 05_eval.py --rescore runs/05_eval/generations_*.jsonl                 # metrics only, no model
 
-Benchmarks (files and categories: PAPER.md s6): vl_rewardbench (R1's data.jsonl; hub MMInstruction/VL-RewardBench),
+Benchmarks (files and categories: README, stage 5): vl_rewardbench (R1's data.jsonl; hub MMInstruction/VL-RewardBench),
 mm_rlhf (mm_reward_bench.jsonl + images/; hub yifanzhang114/MM-RLHF-RewardBench), mmrb (Multimodal RewardBench's
 all_data.json + data/; GitHub only), pairs (the 01 schema; the default).
 The official scripts always show the chosen response first, so a judge that always answers "1" scores 100%
-there (PAPER.md B6). By default every item is judged in both orders and each order counts once;
+there. By default every item is judged in both orders and each order counts once;
 --order chosen-first gives the paper's protocol. Metrics (stable_reinforce_core.metrics): accuracy, per category,
 macro (VL-RewardBench), Acc+ (MM-RLHF), accuracy per order, both right, the "1" rate, parse failures,
 Voting@K = majority of K samples at temperature 1.0 (paper s5.1) and Any@K.

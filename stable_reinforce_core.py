@@ -39,7 +39,7 @@ PROMPT_TEMPLATE = (
 
 
 def build_messages(question, answer1, answer2, image, kind="image"):
-    """One user turn, [image, text] -- the order the released model was evaluated with (PAPER.md s1).
+    """One user turn, [image, text] -- the order the released model was evaluated with (official inference script).
     kind="video": `image` is a list of PIL frames (all one size), shown as one video entry instead."""
     text = PROMPT_TEMPLATE.format(question=question, answer1=answer1, answer2=answer2)
     return [{"role": "user", "content": [{"type": kind, kind: image}, {"type": "text", "text": text}]}]
@@ -127,7 +127,7 @@ def score_rollouts(texts, labels, questions, judge, images=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Reinforce++ returns (paper section 3.2; PAPER.md s2.1)
+# 4. Reinforce++ returns (paper section 3.2)
 def kl_k1(logp_old, logp_ref):
     """k1 estimator per token: KL_t = log pi_old(a_t) - log pi_ref(a_t). Shapes [B, T]."""
     return logp_old - logp_ref
@@ -475,7 +475,7 @@ def sample(model, processor, messages, max_new_tokens, temperature=1.0, device="
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Benchmarks and metrics (paper section 5.1, Tables 3-5; PAPER.md s6). No model needed here.
+# 9. Benchmarks and metrics (paper section 5.1, Tables 3-5). No model needed here.
 #    Every benchmark row becomes one item {key, bench, id, category, question, image | video, chosen, rejected}.
 #    key = "<bench>:<row index>" is unique per row, so VL-RewardBench's 25 reused ids stay 25 items [fix B9].
 ORDERS = ("chosen_first", "chosen_second")
@@ -492,7 +492,7 @@ def vlrb_category(id_):
 
 
 def benchmark_item(bench, row, index):
-    """One raw row -> the item; a bad row raises ValueError(reason, detail). Schemas (PAPER.md s6.1):
+    """One raw row -> the item; a bad row raises ValueError(reason, detail). Schemas (the dataset cards):
       pairs           id, question, response1, response2, label 1|2, image     category: "category", "source"
                                                                                   or "pairs"
       vl_rewardbench  id, prompt, chosen, rejected, image (R1's copy)           category: vlrb_category(id)
@@ -825,7 +825,7 @@ class ChatClient:
     connection, a 5xx or a 429 is retried after `backoff` * 2**k seconds (k = 0, 1, ...). Anything else
     fails at once: another 4xx, or a reply that is not a chat completion or that parse() rejects
     ("garbage": at temperature 0 the same question gets the same answer, so asking again is wasted).
-    The official judge crashed training on any network error (PAPER.md s3, B3); this never raises.
+    The official judge crashed training on any network error; this never raises.
 
     stats counts, cumulatively: calls, ok, failed (ok + failed = calls), requests, retries, timeouts,
     conn_errors, http_errors, garbage, errors (anything unexpected, e.g. an unreadable image), and

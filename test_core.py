@@ -629,7 +629,7 @@ def test_read_mmrb_json_list(tmp_path):
 
 @pytest.mark.skipif(not (FIXTURES / "vl_rewardbench.jsonl").exists(), reason="benchmark fixtures not present")
 def test_whole_fixture_files(tmp_path):
-    """PAPER.md s6.1: VL-RewardBench 1,250 rows, 1,225 ids, 183/749/318; MM-RLHF 170 pairs in 46 ids."""
+    """The dataset cards: VL-RewardBench 1,250 rows, 1,225 ids, 183/749/318; MM-RLHF 170 pairs in 46 ids."""
     png = tmp_path / "one.png"
     Image.new("RGB", (1, 1)).save(png)
     for name in ("vl_rewardbench.jsonl", "mm_rlhf_rewardbench.jsonl"):
@@ -1482,7 +1482,7 @@ def test_stage1_balance_answers_takes_away_the_yes_no_prior(tmp_path):
 
 
 def write_sources(root):
-    """Local copies of the six sources (hub layout, PAPER.md s4). The better response always says GOOD."""
+    """Local copies of the six sources (hub layout, from the dataset cards). The better response always says GOOD."""
     import datasets
     from PIL import Image
     jsonl = lambda path, rows: path.write_text("".join(json.dumps(r) + "\n" for r in rows)) or path

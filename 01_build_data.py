@@ -180,7 +180,7 @@ def jsonl_source(path):
     return pairs[n_test:], pairs[:n_test]
 
 
-# ------------------------------------------------------------------------------------------ real sources (paper section 4.3, Table 2)
+# ---------------------------------------------------------------------------- real sources (paper section 4.3, Table 2)
 class Drop(Exception):       # a row that cannot become a pair; the message is the reason it is counted under
     pass
 

@@ -35,8 +35,9 @@ for spec in args.runs:
     if args.compact:
         Path(args.compact).mkdir(parents=True, exist_ok=True)
         keep = ("step", "reward", "accuracy", "format_rate", "answered_1", "consistency_rate", "filtered_frac",
-                "preclip_frac", "clip_frac", "policy_loss", "max_policy_loss", "max_token_loss", "grad_norm", "skipped_steps",
-                "response_len", "seconds", "rollout_tok_s", "train_tok_s", "logp_delta_mean", "logp_delta_max")
+                "preclip_frac", "clip_frac", "policy_loss", "max_policy_loss", "max_token_loss", "kl", "lr", "grad_norm",
+                "skipped_steps", "response_len", "seconds", "rollout_tok_s", "train_tok_s", "logp_delta_mean",
+                "logp_delta_max")
         with open(Path(args.compact) / f"{Path(path).parent.name}.jsonl", "w") as f:
             f.writelines(json.dumps({k: (round(r[k], 6) if isinstance(r[k], float) else r[k]) for k in keep if k in r})
                          + "\n" for r in rows)

@@ -61,6 +61,7 @@ p.add_argument("--temperature", type=float, default=1.0, help="rollout temperatu
 p.add_argument("--max-new-tokens", type=int, default=96, help="paper: 1024")
 core.add_vllm_flags(p, gpu_memory_utilization=0.3)     # --vllm (colocated engine) --gpu-memory-utilization ...
 p.add_argument("--max-model-len", type=int, default=4096, help="vLLM: prompt + response token budget")
+p.add_argument("--fp32", action="store_true", help="train in full fp32 on GPU (default: bf16 autocast; fp32 master weights either way)")
 p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (decoder layers and vision blocks)")
 p.add_argument("--benchmark", action="store_true", help="measure, do not keep: before each rollout, time a plain vLLM "
                "generate of the same requests (the baseline of rollout tok/s), and save no checkpoint and no model")
@@ -100,14 +101,15 @@ model, processor = core.load_policy(args.model, device=args.device)
 items = core.drop_long_prompts(items, processor, args.max_prompt_tokens, bad_rows)
 if not items:
     raise SystemExit(f"{args.data} has no usable items (skipped: {dict(bad_rows)}); did stage 3 keep any? (try --min-difficulty 1 there)")
-amp = torch.autocast("cuda", torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()
+bf16 = args.device.startswith("cuda") and not args.fp32     # the trainer's compute; vLLM samples in bf16 either way
+amp = torch.autocast("cuda", torch.bfloat16) if bf16 else contextlib.nullcontext()
 banned = core.vision_token_ids(processor)
 ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None   # only for the KL term
 if args.grad_ckpt:
     model.gradient_checkpointing_enable({"use_reentrant": False})
-if world > 1:                                   # FSDP2: fp32 master shards, bf16 compute on GPUs (STACK.md s10)
+if world > 1:                  # FSDP2: fp32 master shards, bf16 compute on GPUs unless --fp32 (STACK.md s10)
     for m_ in filter(None, (model, ref_model)):
-        core.fsdp2(m_, bf16=args.device.startswith("cuda"))
+        core.fsdp2(m_, bf16=bf16)
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,   # fused: no
                         fused=args.device.startswith("cuda"))        # parameter-sized temporaries (foreach makes ~2)
 sched = core.warmup_cosine(opt, args.steps * (args.rollout_batch // args.train_batch), args.warmup, args.min_lr_ratio)

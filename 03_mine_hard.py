@@ -10,6 +10,10 @@ k-1 attempts. We sample at temperature 1.0, because at temperature 0 a local mod
 every time. difficulty = number of attempts until correct, or attempts + 1 if never solved; the RL set
 keeps difficulty >= --min-difficulty (default 2: not solved on the first try).
 
+--keep-easy F also keeps a random fraction F of the other items (default 0: the paper's hard set alone). A
+hard set mined by a small judge holds the answers of lopsided question types about equally (it misses the
+minority answer most), so RL on it alone can learn that balance; a share of easy items keeps the prior.
+
 Reads runs/01_data/train_pairs.jsonl and runs/02_sft/model; writes runs/03_hard/{rl_pairs.jsonl, meta.json}.
 """
 import argparse, json, os, random, time
@@ -27,6 +31,7 @@ p.add_argument("--out", default="runs/03_hard")
 p.add_argument("--num-items", type=int, default=512, help="items to try (a random subset; 0 = all)")
 p.add_argument("--attempts", type=int, default=3, help="K: attempts per item (paper: 3)")
 p.add_argument("--min-difficulty", type=int, default=2, help="keep items needing at least this many attempts")
+p.add_argument("--keep-easy", type=float, default=0.0, help="also keep this random fraction of the easier items (0 = hard items only, the paper)")
 p.add_argument("--temperature", type=float, default=1.0)
 p.add_argument("--max-new-tokens", type=int, default=96)
 p.add_argument("--batch-size", type=int, default=64)
@@ -36,6 +41,8 @@ p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu
 p.add_argument("--strict", action="store_true", help="a bad input row is an error naming file:line (default: skip and count it)")
 p.add_argument("--max-prompt-tokens", type=int, default=2048, help="skip items whose prompt, image tokens included, is longer (0 = no limit)")
 args = p.parse_args()
+if not 0.0 <= args.keep_easy <= 1.0:
+    p.error(f"--keep-easy must be in [0, 1], got {args.keep_easy}")
 random.seed(args.seed)
 torch.manual_seed(args.seed)
 out = Path(args.out)
@@ -84,13 +91,16 @@ for j in todo:
 # ------------------------------------------------------------------------------------------ write the RL set
 hist = Counter(difficulty.values())
 kept = [j for j in range(len(items)) if difficulty[j] >= args.min_difficulty]
+easy = [j for j in range(len(items)) if difficulty[j] < args.min_difficulty]
+easy_kept = sorted(random.Random(args.seed).sample(easy, round(args.keep_easy * len(easy))))
+hard_n, kept = len(kept), sorted(kept + easy_kept)
 with open(out / "rl_pairs.jsonl", "w") as f:
     for j in kept:
         row = dict(items[j], difficulty=difficulty[j])
         row["image"] = os.path.relpath(row["image"], out)   # load_items resolves images relative to this file
         f.write(json.dumps(row) + "\n")
 meta = dict(stage="03_mine_hard", args=vars(args), seconds=round(time.time() - t0, 1), tried=len(items),
-            kept=len(kept), difficulty_histogram={("never" if k > args.attempts else str(k)): v for k, v in sorted(hist.items())},
+            kept=len(kept), kept_hard=hard_n, kept_easy=len(easy_kept), difficulty_histogram={("never" if k > args.attempts else str(k)): v for k, v in sorted(hist.items())},
             first_try_accuracy=hist.get(1, 0) / len(items),
             parse_fail_rate=stats["parse_fail"] / stats["samples"], format_rate=stats["format_ok"] / stats["samples"],
             kept_label_balance=dict(Counter(items[j]["label"] for j in kept)), skipped_items=skipped)

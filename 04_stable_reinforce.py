@@ -68,7 +68,7 @@ p.add_argument("--benchmark", action="store_true", help="measure, do not keep: b
 p.add_argument("--profile-step", type=int, default=0, help="torch-profile this step's old-log-prob pass and the first "
                "optimizer step of its update (rank 0): profile_step<N>_{old_logp,train}.txt in --out, each headed by "
                "the GPU's busy share, then ops by GPU time and by CPU time")
-p.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default: 989 on H100/H200, bf16 dense)")
+p.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default on H100/H200: 989, bf16 dense; 67, fp32, with --fp32)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 core.add_reliability_flags(p, save_every=5)                     # --save-every --resume --strict ...
@@ -142,7 +142,8 @@ def pad_cat(tensors, value=0.0):
 # ------------------------------------------------------------------------------------------ one StableReinforce step
 cuda = args.device.startswith("cuda")
 n_params = sum(p.numel() for p in model.parameters())          # the full count, also under FSDP2
-peak = args.peak_tflops or (989.0 if cuda and any(g in torch.cuda.get_device_name() for g in ("H100", "H200")) else None)
+hopper = cuda and any(g in torch.cuda.get_device_name() for g in ("H100", "H200"))     # SXM dense peaks, TFLOP/s:
+peak = args.peak_tflops or ((67.0 if args.fp32 else 989.0) if hopper else None)       # fp32 (no TF32) 67, bf16 989
 
 
 def device_used():

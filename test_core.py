@@ -1979,12 +1979,18 @@ def test_stage1_jsonl_source_counts_bad_rows_and_strict(tiny, tmp_path):
 
 
 def test_stage3_counts_bad_rows(tiny, sft_ref, tmp_path):
-    """STAGE SUBPROCESS. 03 mines only the 8 good items and records every skipped row in meta.json."""
+    """STAGE SUBPROCESS. 03 mines only the 8 good items and records every skipped row in meta.json. With one
+    attempt no item can reach difficulty 3, so --min-difficulty 3 makes all 8 "easy": --keep-easy 0.5 keeps 4 of
+    them, each once."""
     rc, log = run_stage("03_mine_hard.py", ["--data", tiny / "train_pairs.jsonl", "--model", sft_ref / "model",
                                             "--out", tmp_path, "--num-items", 0, "--attempts", 1, "--max-new-tokens", 4,
-                                            "--max-prompt-tokens", 400], tmp_path / "log")
+                                            "--max-prompt-tokens", 400, "--min-difficulty", 3, "--keep-easy", 0.5],
+                        tmp_path / "log")
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert rc == 0 and meta["tried"] == 8 and meta["skipped_items"] == PAIR_SKIPS, log[-2000:]
+    ids = [json.loads(line)["id"] for line in (tmp_path / "rl_pairs.jsonl").read_text().splitlines()]
+    assert (meta["kept_hard"], meta["kept_easy"], meta["kept"]) == (0, 4, 4)
+    assert len(set(ids)) == 4 and set(ids) <= {f"p{i}" for i in range(8)}
 
 
 RL = ["--steps", "5", "--rollout-batch", "2", "--train-batch", "2", "--micro-batch", "2", "--max-new-tokens", "8",
